@@ -1,0 +1,1 @@
+"""Benchmarks: each module is one `gda bench NAME`, writing JSON for machines and a table for people."""

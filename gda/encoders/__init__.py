@@ -1,0 +1,102 @@
+"""Frozen image and text feature encoders.
+
+This module holds the small public API: `EncoderSpec` (which backends and models to use),
+`load_image_encoder` / `load_text_encoder`, and the `ImageEncoder` / `TextEncoder` protocols every
+backend satisfies. Backends live in their own modules and are imported only when loaded, so importing
+`gda.encoders` stays cheap (no torch, no transformers).
+
+Backends:
+- image `efficientnet-lite0`: packaged ImageNet EfficientNet-Lite0, 1280-d pooled features.
+- text `minilm`: packaged all-MiniLM-L6-v2, 384-d normalised sentence embeddings.
+- `hf`: a transformers model from a local folder or the local HF cache (`image_model` / `text_model`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from gda.encoders.base import EncoderError
+
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL import Image
+
+__all__ = [
+    "EncoderError",
+    "EncoderSpec",
+    "ImageEncoder",
+    "TextEncoder",
+    "IMAGE_BACKENDS",
+    "TEXT_BACKENDS",
+    "load_image_encoder",
+    "load_text_encoder",
+]
+
+IMAGE_BACKENDS = ("efficientnet-lite0", "hf")
+TEXT_BACKENDS = ("minilm", "hf")
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Which encoders to build and how to run them.
+
+    `image_model` / `text_model` name a local folder or a hub id already in the HF cache; they are
+    only used by the `hf` backend. `image_size` applies to EfficientNet-Lite0 (an `hf` model uses the
+    size from its own image processor config).
+    """
+
+    image_backend: str = "efficientnet-lite0"
+    image_model: str | None = None
+    text_backend: str = "minilm"
+    text_model: str | None = None
+    image_size: int = 224
+    batch_size: int = 64
+    device: str = "cpu"
+
+
+class ImageEncoder(Protocol):
+    name: str
+    dim: int
+
+    @property
+    def version(self) -> str: ...
+
+    def encode(self, images: Sequence[Image.Image], progress: bool = False) -> np.ndarray: ...
+
+
+class TextEncoder(Protocol):
+    name: str
+    dim: int
+
+    @property
+    def version(self) -> str: ...
+
+    def encode(self, texts: Sequence[str], progress: bool = False) -> np.ndarray: ...
+
+
+def load_image_encoder(spec: EncoderSpec) -> ImageEncoder:
+    """Build the image encoder named by `spec.image_backend` (weights loaded, eval mode)."""
+    if spec.image_backend == "efficientnet-lite0":
+        from gda.encoders.efficientnet import EfficientNetLite0Encoder
+
+        return EfficientNetLite0Encoder(spec)
+    if spec.image_backend == "hf":
+        from gda.encoders.hf import HFImageEncoder
+
+        return HFImageEncoder(spec)
+    raise EncoderError(f"unknown image backend {spec.image_backend!r}; choose one of {IMAGE_BACKENDS}")
+
+
+def load_text_encoder(spec: EncoderSpec) -> TextEncoder:
+    """Build the text encoder named by `spec.text_backend` (weights loaded, eval mode)."""
+    if spec.text_backend == "minilm":
+        from gda.encoders.minilm import MiniLMEncoder
+
+        return MiniLMEncoder(spec)
+    if spec.text_backend == "hf":
+        from gda.encoders.hf import HFTextEncoder
+
+        return HFTextEncoder(spec)
+    raise EncoderError(f"unknown text backend {spec.text_backend!r}; choose one of {TEXT_BACKENDS}")

@@ -1,0 +1,159 @@
+"""Encoders built from transformers checkpoints on local disk (a folder, or a hub id in the HF cache).
+
+The feature is chosen from the checkpoint's `config.model_type`:
+- image `vit` (e.g. DINO ViT-B/16) and `dinov2`: CLS token of the last hidden state, as in FastGDA;
+- image `clip` / `clip_vision_model`: CLIP projected `image_embeds`;
+- text `clip` / `clip_text_model`: CLIP projected `text_embeds`.
+CLIP embeddings are returned as the model gives them (not L2-normalised).
+
+Nothing here touches the network: every load passes `local_files_only=True`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoTokenizer,
+    CLIPTextModelWithProjection,
+    CLIPVisionModelWithProjection,
+    Dinov2Model,
+    PreTrainedModel,
+    ViTModel,
+)
+
+from gda.encoders import EncoderSpec
+from gda.encoders.base import EncoderError, encode_batched, version_hash
+
+IMAGE_MODEL_TYPES = ("vit", "dinov2", "clip", "clip_vision_model")
+TEXT_MODEL_TYPES = ("clip", "clip_text_model")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+
+
+def resolve_model_dir(model: str | None, role: str) -> Path:
+    """Local folder holding `model`: the path itself, or its snapshot in the local HF cache."""
+    if not model:
+        raise EncoderError(
+            f"{role} backend 'hf' needs a model: set {role}_model to a local folder or cached hub id"
+        )
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(model, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, OSError) as exc:
+        raise EncoderError(
+            f"{role} model {model!r} not found: not a local folder and not in the HF cache at "
+            f"{constants.HF_HUB_CACHE}; pass a local folder as {role}_model or set HF_HOME / HF_HUB_CACHE "
+            "to a cache that holds it (downloads are never attempted)"
+        ) from exc
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """Weight and config files whose bytes define the model's features (for the version hash)."""
+    files = [p for p in path.iterdir() if p.suffix in (*_WEIGHT_SUFFIXES, ".json") and p.is_file()]
+    if not any(p.suffix in _WEIGHT_SUFFIXES for p in files):
+        raise EncoderError(f"no weight files ({', '.join(_WEIGHT_SUFFIXES)}) in {path}")
+    return files
+
+
+def _model_type(path: Path) -> str:
+    return AutoConfig.from_pretrained(path, local_files_only=True).model_type
+
+
+def _frozen(model: PreTrainedModel, device: str) -> PreTrainedModel:
+    return model.eval().requires_grad_(False).to(device)
+
+
+class HFImageEncoder:
+    """Image features from a local ViT / DINOv2 / CLIP vision checkpoint."""
+
+    def __init__(self, spec: EncoderSpec) -> None:
+        self.path = resolve_model_dir(spec.image_model, "image")
+        self.batch_size = spec.batch_size
+        self.device = torch.device(spec.device)
+        self.model_type = _model_type(self.path)
+        self.name = f"hf:{self.model_type}:{spec.image_model}"
+        self.processor = AutoImageProcessor.from_pretrained(self.path, local_files_only=True)
+        if self.model_type == "vit":
+            # The pooler is unused (the feature is the CLS state) and absent from DINO checkpoints.
+            model = ViTModel.from_pretrained(self.path, add_pooling_layer=False, local_files_only=True)
+            self.model = _frozen(model, spec.device)
+            self.dim = self.model.config.hidden_size
+        elif self.model_type == "dinov2":
+            self.model = _frozen(Dinov2Model.from_pretrained(self.path, local_files_only=True), spec.device)
+            self.dim = self.model.config.hidden_size
+        elif self.model_type in ("clip", "clip_vision_model"):
+            model = CLIPVisionModelWithProjection.from_pretrained(self.path, local_files_only=True)
+            self.model = _frozen(model, spec.device)
+            self.dim = self.model.config.projection_dim
+        else:
+            raise EncoderError(
+                f"image model {spec.image_model!r} has model_type {self.model_type!r}; "
+                f"supported: {', '.join(IMAGE_MODEL_TYPES)}"
+            )
+
+    @cached_property
+    def version(self) -> str:
+        return version_hash("hf-image", checkpoint_files(self.path), self.model_type)
+
+    def encode(self, images: Sequence[Image.Image], progress: bool = False) -> np.ndarray:
+        """(n, dim) float32 features for PIL images of any mode and size."""
+        return encode_batched(images, self._forward, self.dim, self.batch_size, progress, self.name)
+
+    @torch.inference_mode()
+    def _forward(self, images: Sequence[Image.Image]) -> np.ndarray:
+        pixels = self.processor(images=[image.convert("RGB") for image in images], return_tensors="pt")
+        pixel_values = pixels["pixel_values"].to(self.device)
+        if self.model_type in ("clip", "clip_vision_model"):
+            features = self.model(pixel_values=pixel_values).image_embeds
+        else:
+            features = self.model(pixel_values=pixel_values).last_hidden_state[:, 0]
+        return features.float().cpu().numpy()
+
+
+class HFTextEncoder:
+    """Text features from a local CLIP text checkpoint."""
+
+    def __init__(self, spec: EncoderSpec) -> None:
+        self.path = resolve_model_dir(spec.text_model, "text")
+        self.batch_size = spec.batch_size
+        self.device = torch.device(spec.device)
+        self.model_type = _model_type(self.path)
+        self.name = f"hf:{self.model_type}:{spec.text_model}"
+        if self.model_type not in TEXT_MODEL_TYPES:
+            raise EncoderError(
+                f"text model {spec.text_model!r} has model_type {self.model_type!r}; "
+                f"supported: {', '.join(TEXT_MODEL_TYPES)}"
+            )
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        model = CLIPTextModelWithProjection.from_pretrained(self.path, local_files_only=True)
+        self.model = _frozen(model, spec.device)
+        self.dim = self.model.config.projection_dim
+        self.max_length = self.model.config.max_position_embeddings
+
+    @cached_property
+    def version(self) -> str:
+        return version_hash("hf-text", checkpoint_files(self.path), self.model_type)
+
+    def encode(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
+        """(n, dim) float32 projected text embeddings."""
+        return encode_batched(texts, self._forward, self.dim, self.batch_size, progress, self.name)
+
+    @torch.inference_mode()
+    def _forward(self, texts: Sequence[str]) -> np.ndarray:
+        batch = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
+        output = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return output.text_embeds.float().cpu().numpy()

@@ -1,0 +1,97 @@
+"""all-MiniLM-L6-v2 text encoder (the demo default) and its per-token hidden states.
+
+Sentence embeddings follow sentence-transformers for this model: attention-masked mean pooling over
+the last hidden states, then L2 normalisation (384-d). `token_states` exposes the unpooled states for
+the diffusion model's text conditioning.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from functools import cache, cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from gda.encoders import EncoderSpec
+from gda.encoders.base import encode_batched, version_hash
+from gda.encoders.packaged import minilm_path
+
+DIM = 384
+
+
+def max_seq_length(path: Path) -> int:
+    """Token limit sentence-transformers uses for this model (256), from its packaged config."""
+    config = path / "sentence_bert_config.json"
+    if config.is_file():
+        return int(json.loads(config.read_text())["max_seq_length"])
+    return 256
+
+
+def load_minilm(path: Path, device: str) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(path, local_files_only=True)
+    return tokenizer, model.eval().requires_grad_(False).to(device)
+
+
+@cache
+def _packaged(device: str) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    # token_states is called per prompt batch during diffusion training; load the model once.
+    return load_minilm(minilm_path(), device)
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Average of the token states where `mask` is 1 (padding excluded)."""
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+
+
+@torch.inference_mode()
+def token_states(
+    prompts: Sequence[str], max_length: int, device: str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last-layer MiniLM token states for `prompts`, padded/truncated to exactly `max_length`.
+
+    Returns (hidden float32 (n, max_length, 384), attention_mask int64 (n, max_length)); padding
+    positions have mask 0. Fixed-length padding keeps the shape independent of the batch.
+    """
+    tokenizer, model = _packaged(device)
+    batch = tokenizer(
+        list(prompts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+    ).to(device)
+    hidden = model(**batch).last_hidden_state.float()
+    return hidden, batch["attention_mask"]
+
+
+class MiniLMEncoder:
+    """all-MiniLM-L6-v2 sentence embeddings (384-d, unit norm)."""
+
+    name = "minilm"
+    dim = DIM
+
+    def __init__(self, spec: EncoderSpec) -> None:
+        self.batch_size = spec.batch_size
+        self.device = torch.device(spec.device)
+        self.path = minilm_path()
+        self.max_length = max_seq_length(self.path)
+        self.tokenizer, self.model = load_minilm(self.path, spec.device)
+
+    @cached_property
+    def version(self) -> str:
+        files = [self.path / "model.safetensors", self.path / "config.json", self.path / "tokenizer.json"]
+        return version_hash(self.name, [f for f in files if f.is_file()], f"max_length={self.max_length}")
+
+    def encode(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
+        """(n, 384) float32 unit-norm embeddings."""
+        return encode_batched(texts, self._forward, self.dim, self.batch_size, progress, self.name)
+
+    @torch.inference_mode()
+    def _forward(self, texts: Sequence[str]) -> np.ndarray:
+        batch = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
+        pooled = mean_pool(self.model(**batch).last_hidden_state, batch["attention_mask"])
+        return torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy()

@@ -1,0 +1,93 @@
+"""Corpus assets: the embedded demo corpus, and ingestion of every shard into DuckDB."""
+
+
+from pathlib import Path
+
+import dagster as dg
+
+from gda.corpus.ingest import ingest_shard
+from gda.corpus.shards import list_shards
+from gda_assets.checks import column_schema, table_check_results, table_check_specs
+from gda_assets.partitions import shard_partitions
+from resources import CorpusSource, DemoCorpusSource, Warehouse
+
+@dg.asset(
+    group_name="corpus",
+    kinds={"python", "parquet"},
+    description="The embedded default corpus: icon glyphs from the qtawesome fonts rendered with colours, "
+    "backgrounds, scales and positions, with 2-5 captions each, written as img2dataset shards. "
+    "Held-out prompts for query generation are written apart from the shards.",
+)
+def demo_corpus(
+    context: dg.AssetExecutionContext, corpus: CorpusSource, demo_corpus_source: DemoCorpusSource
+) -> dg.MaterializeResult:
+    from gda.corpus.icons import DemoCorpusSpec, build_demo_corpus
+
+    spec = DemoCorpusSpec(**demo_corpus_source.model_dump(exclude={"heldout_prompts"}))
+    heldout = Path(demo_corpus_source.heldout_prompts)
+    summary = build_demo_corpus(Path(corpus.shards_dir), spec, heldout_path=heldout)
+    keys = [path.stem for path in summary.shards]
+    context.instance.add_dynamic_partitions(shard_partitions.name, keys)
+    return dg.MaterializeResult(
+        metadata={
+            "images": summary.n_images,
+            "shards": keys,
+            "heldout_prompts": summary.n_heldout,
+            "heldout_path": dg.MetadataValue.path(str(heldout)),
+            "seconds": round(summary.seconds, 2),
+        }
+    )
+
+
+def build_training_images(embedded: bool) -> dg.AssetsDefinition:
+    """Ingest one shard; depends on ``demo_corpus`` only when the embedded corpus is the source."""
+
+    @dg.multi_asset(
+        outs={
+            table: dg.AssetOut(
+                io_manager_key="warehouse_io",
+                description=description,
+                kinds={"duckdb"},
+                metadata={"partition_expr": "shard", "dagster/column_schema": column_schema(table)},
+            )
+            for table, description in (
+                ("training_images", "Accepted training images of a shard: caption(s), source, license, size, sha256."),
+                ("rejected_images", "Samples of a shard that could not be used, each with a reason code and detail."),
+            )
+        },
+        partitions_def=shard_partitions,
+        group_name="corpus",
+        deps=["demo_corpus"] if embedded else [],
+        check_specs=table_check_specs("training_images") + table_check_specs("rejected_images"),
+        pool="duckdb",
+    )
+    def training_images(context: dg.AssetExecutionContext, corpus: CorpusSource, warehouse: Warehouse):
+        shard = context.partition_key
+        warehouse.ensure_tables()
+        result = ingest_shard(corpus.shard_path(shard))
+        if result.read_error:
+            context.log.warning(f"shard {shard} is damaged ({result.read_error}); samples before it were kept")
+        context.log.info(f"shard {shard}: {result.accepted.height} accepted, {result.rejected.height} rejected")
+        for table, frame in (("training_images", result.accepted), ("rejected_images", result.rejected)):
+            yield dg.Output(frame, output_name=table, metadata={"dagster/row_count": frame.height})
+        for table, frame in (("training_images", result.accepted), ("rejected_images", result.rejected)):
+            yield from table_check_results(warehouse, table, shard, frame.height)
+
+    return training_images
+
+
+@dg.sensor(
+    description="Watches the shards folder; registers new NNNNN.tar files as shard partitions and requests "
+    "their ingestion. Shards already registered are never requested again.",
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    job_name="shard_job",
+)
+def shard_sensor(context: dg.SensorEvaluationContext, corpus: CorpusSource) -> dg.SensorResult:
+    known = set(context.instance.get_dynamic_partitions(shard_partitions.name))
+    new = [path.stem for path in list_shards(Path(corpus.shards_dir)) if path.stem not in known]
+    return dg.SensorResult(
+        run_requests=[dg.RunRequest(partition_key=key, run_key=f"ingest-{key}") for key in new],
+        dynamic_partitions_requests=[shard_partitions.build_add_request(new)] if new else [],
+    )
+

@@ -1,0 +1,12 @@
+"""The code location: ``Definitions`` for the home, profile and shards folder named by the environment
+(``GDA_HOME``, ``GDA_PROFILE``, ``GDA_SHARDS``)."""
+
+import os
+from pathlib import Path
+
+from gda.home import Home
+from gda_assets.factory import build_defs
+
+_shards = os.environ.get("GDA_SHARDS")
+
+defs = build_defs(home=Home.resolve(), shards=Path(_shards).resolve() if _shards else None)

@@ -1,0 +1,56 @@
+"""``build_defs``: the one place that turns settings (home, profile, shards folder, overrides) into
+``Definitions``. ``definitions.py`` calls it with the environment's settings; tests call it directly."""
+
+
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from dagster_duckdb_polars import DuckDBPolarsIOManager
+
+from gda import tables
+from gda.home import Home
+from gda.profiles import profile_values
+from gda_assets.corpus import build_training_images, demo_corpus, shard_sensor
+from gda_assets.features import image_features, text_features
+from gda_assets.jobs import demo_corpus_job, ingest_job, shard_job
+from resources import ArrayIOManager, Compute, CorpusSource, DemoCorpusSource, Encoders, Warehouse
+
+
+def build_resources(home: Home, profile: str, shards: Path | None) -> dict[str, Any]:
+    values = profile_values(profile)
+    return {
+        "compute": Compute(**values["compute"]),
+        "encoders": Encoders(**values["encoders"]),
+        "corpus": CorpusSource(shards_dir=str(shards or home.shards)),
+        "demo_corpus_source": DemoCorpusSource(
+            **values["demo_corpus_source"], heldout_prompts=str(home.artifacts / "demo_corpus" / "heldout_prompts.parquet")
+        ),
+        "warehouse": Warehouse(database=str(home.duckdb_path)),
+        "warehouse_io": DuckDBPolarsIOManager(database=str(home.duckdb_path), schema=tables.SCHEMA),
+        "array_io": ArrayIOManager(root=str(home.artifacts)),
+    }
+
+
+def build_defs(
+    home: Home | None = None,
+    profile: str | None = None,
+    shards: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dg.Definitions:
+    """Definitions for one home. With ``shards`` (a user's img2dataset folder) the embedded corpus is left
+    out of the graph and everything downstream runs on the user's shards. ``overrides`` replace resources
+    by name."""
+    home = home or Home.resolve()
+    embedded = shards is None
+    assets: list[Any] = [build_training_images(embedded), image_features, text_features]
+    jobs: list[Any] = [shard_job, ingest_job]
+    if embedded:
+        assets.insert(0, demo_corpus)
+        jobs.append(demo_corpus_job)
+    return dg.Definitions(
+        assets=assets,
+        jobs=jobs,
+        sensors=[shard_sensor],
+        resources={**build_resources(home, profile, shards), **(overrides or {})},
+    )

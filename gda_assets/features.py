@@ -1,0 +1,50 @@
+"""Feature assets: frozen image and caption features of every accepted training image, one file per shard."""
+
+
+import dagster as dg
+
+from gda.arrays import IdArray
+from gda.features import caption_features, shard_image_features
+from gda_assets.partitions import shard_partitions
+from resources import Compute, CorpusSource, Encoders, Warehouse
+
+
+def _feature_metadata(array: IdArray) -> dict[str, object]:
+    return {"encoder": array.metadata["encoder"], "dim": int(array.metadata["dim"]), "encoder_version": array.metadata["version"]}
+
+
+@dg.asset(
+    group_name="features",
+    partitions_def=shard_partitions,
+    deps=["training_images"],
+    io_manager_key="array_io",
+    kinds={"pytorch"},
+    pool="gpu",
+    description="Image features (EfficientNet-Lite0 by default; DINO with the hf backend) of a shard's "
+    "accepted images, in id order, as one safetensors file.",
+)
+def image_features(
+    context: dg.AssetExecutionContext, compute: Compute, encoders: Encoders, corpus: CorpusSource, warehouse: Warehouse
+) -> dg.Output[IdArray]:
+    rows = warehouse.named("shard_images", [context.partition_key])
+    encoder = encoders.image(compute.device)
+    array = shard_image_features(encoder, corpus.shard_path(context.partition_key), rows["id"].to_list(), rows["key"].to_list())
+    return dg.Output(array, metadata=_feature_metadata(array))
+
+
+@dg.asset(
+    group_name="features",
+    partitions_def=shard_partitions,
+    deps=["training_images"],
+    io_manager_key="array_io",
+    kinds={"pytorch"},
+    pool="gpu",
+    description="Text features (MiniLM by default; CLIP text with the hf backend) of each accepted image's "
+    "first caption, in id order, as one safetensors file.",
+)
+def text_features(
+    context: dg.AssetExecutionContext, compute: Compute, encoders: Encoders, warehouse: Warehouse
+) -> dg.Output[IdArray]:
+    rows = warehouse.named("shard_images", [context.partition_key])
+    array = caption_features(encoders.text(compute.device), rows["id"].to_list(), rows["caption"].to_list())
+    return dg.Output(array, metadata=_feature_metadata(array))

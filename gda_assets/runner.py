@@ -1,0 +1,78 @@
+"""Materialize assets from the command line, against the home's persistent Dagster instance.
+
+Each step is a real run recorded in ``HOME/dagster``, so what ``gda demo`` or ``gda ingest`` did shows up
+in the UI afterwards (runs, partitions, metadata, check results) exactly as if it had been launched there.
+"""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+
+from gda.corpus.shards import list_shards
+from gda.home import Home
+from gda.profiles import resolve_profile
+from gda_assets.factory import build_defs
+from gda_assets.partitions import shard_partitions
+
+
+@dataclass(frozen=True)
+class ShardReport:
+    shard: str
+    accepted: int
+    rejected: int
+    succeeded: bool
+
+
+def open_instance(home: Home) -> dg.DagsterInstance:
+    home.ensure()
+    os.environ["DAGSTER_HOME"] = str(home.dagster_home)
+    return dg.DagsterInstance.get()
+
+
+def _row_count(result: dg.ExecuteInProcessResult, asset: str) -> int:
+    for event in result.get_asset_materialization_events():
+        if event.asset_key == dg.AssetKey(asset):
+            return int(event.materialization.metadata["dagster/row_count"].value)
+    return 0
+
+
+def run_shards(instance: dg.DagsterInstance, defs: dg.Definitions, job_name: str, shards: list[str]) -> list[ShardReport]:
+    """Register ``shards`` as partitions and run ``job_name`` once per shard; a failed shard does not stop
+    the others."""
+    instance.add_dynamic_partitions(shard_partitions.name, shards)
+    job = defs.resolve_job_def(job_name)
+    reports = []
+    for shard in shards:
+        result = job.execute_in_process(instance=instance, partition_key=shard, raise_on_error=False)
+        reports.append(
+            ShardReport(shard, _row_count(result, "training_images"), _row_count(result, "rejected_images"), result.success)
+        )
+    return reports
+
+
+def ingest(home: Home, shards_dir: Path, profile: str | None = None) -> list[ShardReport]:
+    shards_dir = shards_dir.resolve()
+    paths = list_shards(shards_dir)
+    if not paths:
+        raise FileNotFoundError(f"no NNNNN.tar shards in {shards_dir}; point --shards at an img2dataset output folder")
+    instance = open_instance(home)
+    defs = build_defs(home=home, profile=resolve_profile(profile), shards=shards_dir)
+    return run_shards(instance, defs, "ingest_job", [p.stem for p in paths])
+
+
+def demo(home: Home, profile: str | None = None, shards_dir: Path | None = None) -> list[ShardReport]:
+    """The main job on the embedded default (or a user's shards): corpus, ingest and features."""
+    profile = resolve_profile(profile)
+    instance = open_instance(home)
+    defs = build_defs(home=home, profile=profile, shards=shards_dir.resolve() if shards_dir else None)
+    if shards_dir is None:
+        result = defs.resolve_job_def("demo_corpus_job").execute_in_process(instance=instance, raise_on_error=False)
+        if not result.success:
+            raise RuntimeError("demo_corpus failed; see the run in the UI or the log above")
+        shards_dir = home.shards
+    paths = list_shards(shards_dir)
+    if not paths:
+        raise FileNotFoundError(f"no NNNNN.tar shards in {shards_dir}")
+    return run_shards(instance, defs, "shard_job", [p.stem for p in paths])

@@ -1,0 +1,9 @@
+"""Dagster resources: typed configuration plus the handles assets use (compute, storage, models, corpus)."""
+
+from resources.arrays import ArrayIOManager
+from resources.compute import Compute
+from resources.corpus import CorpusSource, DemoCorpusSource
+from resources.encoders import Encoders
+from resources.warehouse import Warehouse
+
+__all__ = ["ArrayIOManager", "Compute", "CorpusSource", "DemoCorpusSource", "Encoders", "Warehouse"]

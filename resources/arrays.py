@@ -1,0 +1,31 @@
+"""IO manager for per-partition arrays (features, embeddings): one safetensors file per partition."""
+
+
+from pathlib import Path
+
+import dagster as dg
+
+from gda import arrays
+
+
+class ArrayIOManager(dg.ConfigurableIOManager):
+    root: str  # the artifact root; files go to ROOT/ASSET/PARTITION.safetensors
+
+    def _path(self, asset_key: dg.AssetKey, partition: str | None) -> Path:
+        return Path(self.root).joinpath(*asset_key.path) / f"{partition or 'all'}.safetensors"
+
+    def handle_output(self, context: dg.OutputContext, obj: arrays.IdArray) -> None:
+        partition = context.partition_key if context.has_partition_key else None
+        path = self._path(context.asset_key, partition)
+        arrays.save(path, obj)
+        context.add_output_metadata(
+            {"rows": len(obj.ids), "dim": obj.values.shape[1], "path": dg.MetadataValue.path(str(path))}
+        )
+
+    def load_input(self, context: dg.InputContext) -> arrays.IdArray | dict[str, arrays.IdArray]:
+        key = context.asset_key
+        if context.has_asset_partitions and len(context.asset_partition_keys) == 1:
+            return arrays.load(self._path(key, context.asset_partition_keys[0]))
+        if context.has_asset_partitions:
+            return {p: arrays.load(self._path(key, p)) for p in context.asset_partition_keys}
+        return arrays.load(self._path(key, None))

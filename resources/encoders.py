@@ -1,0 +1,33 @@
+"""The frozen feature encoders, named by backend (see gda.encoders), loaded once per run."""
+
+
+
+import dagster as dg
+
+from gda.encoders import EncoderSpec, ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
+
+
+class Encoders(dg.ConfigurableResource):
+    image_backend: str = "efficientnet-lite0"  # or "hf": DINO / DINOv2 / CLIP vision from image_model
+    image_model: str | None = None  # local folder or a hub id already in the HF cache
+    text_backend: str = "minilm"  # or "hf": CLIP text from text_model
+    text_model: str | None = None
+    image_size: int = 224
+    batch_size: int = 64
+
+    def spec(self, device: str) -> EncoderSpec:
+        return EncoderSpec(
+            image_backend=self.image_backend,
+            image_model=self.image_model,
+            text_backend=self.text_backend,
+            text_model=self.text_model,
+            image_size=self.image_size,
+            batch_size=self.batch_size,
+            device=device,
+        )
+
+    def image(self, device: str) -> ImageEncoder:
+        return load_image_encoder(self.spec(device))
+
+    def text(self, device: str) -> TextEncoder:
+        return load_text_encoder(self.spec(device))

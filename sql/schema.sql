@@ -1,0 +1,29 @@
+-- The one schema source. Each CREATE TABLE here drives: the table DuckDB holds, the polars schema an
+-- asset's output is cast to before it is written, the `dagster/column_schema` metadata in the UI, and the
+-- generated not-null checks. Column order is the storage order.
+
+-- One row per accepted training image; partitioned by shard (replaced per shard on re-ingest).
+CREATE TABLE IF NOT EXISTS training_images (
+    id BIGINT NOT NULL,            -- shard number << 32 | position of the sample in the tar
+    shard VARCHAR NOT NULL,        -- partition key: the shard file stem, NNNNN
+    key VARCHAR NOT NULL,          -- the sample key inside the shard
+    caption VARCHAR NOT NULL,      -- first caption line: what features and the student use
+    captions VARCHAR[] NOT NULL,   -- every caption line of the sample
+    url VARCHAR,                   -- source URL from KEY.json, when given
+    license VARCHAR,               -- license from KEY.json, when given
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    image_format VARCHAR NOT NULL, -- as decoded by Pillow: JPEG, PNG, WEBP
+    sha256 VARCHAR NOT NULL,       -- of the image bytes as stored in the shard
+    extra VARCHAR                  -- the rest of KEY.json, as JSON text
+);
+
+-- One row per sample that could not be used, with the reason; never silently dropped.
+CREATE TABLE IF NOT EXISTS rejected_images (
+    shard VARCHAR NOT NULL,
+    key VARCHAR NOT NULL,
+    ordinal INTEGER NOT NULL,      -- position of the sample in the tar
+    reason VARCHAR NOT NULL,       -- a short code: see gda/corpus/ingest.py REASONS
+    detail VARCHAR NOT NULL,       -- one line for a person
+    sha256 VARCHAR                 -- of the image bytes, when there were any
+);

@@ -1,0 +1,247 @@
+"""Tests for gda.encoders: packaged demo encoders and `hf` encoders built from tiny local checkpoints."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from gda.encoders import EncoderError, EncoderSpec, load_image_encoder, load_text_encoder
+
+PROMPTS = ["a red cat", "a red kitten", "a blue truck", "", "a long prompt " * 20, "x", "two dogs", "sky"]
+
+
+def scene(size: int) -> Image.Image:
+    """A sun over hills, drawn at any resolution (same picture, different rendering)."""
+    image = Image.new("RGB", (size, size), (120, 170, 230))
+    draw = ImageDraw.Draw(image)
+    s = size / 100
+    draw.ellipse([60 * s, 10 * s, 85 * s, 35 * s], fill=(250, 210, 40))
+    draw.polygon([(0, 100 * s), (0, 60 * s), (40 * s, 45 * s), (100 * s, 70 * s), (100 * s, 100 * s)], fill=(40, 140, 50))
+    return image
+
+
+def checkerboard(size: int) -> Image.Image:
+    cells = (np.indices((size, size)) // max(1, size // 8)).sum(axis=0) % 2
+    pixels = np.where(cells[..., None] == 1, [230, 30, 30], [20, 20, 20]).astype(np.uint8)
+    return Image.fromarray(pixels)
+
+
+def jpeg(image: Image.Image, quality: int) -> Image.Image:
+    from io import BytesIO
+
+    buffer = BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return Image.open(BytesIO(buffer.getvalue()))
+
+
+def mixed_images() -> list[Image.Image]:
+    """Eight images of different sizes and modes (RGB, L, RGBA, P)."""
+    rng = np.random.default_rng(0)
+    images: list[Image.Image] = [scene(64), checkerboard(48), scene(97).convert("L"), scene(40).convert("RGBA")]
+    images.append(checkerboard(70).convert("P"))
+    images += [Image.fromarray(rng.integers(0, 256, (33 + i, 51, 3), dtype=np.uint8)) for i in range(3)]
+    return images
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def check_features(features: np.ndarray, n: int, dim: int) -> None:
+    assert features.shape == (n, dim)
+    assert features.dtype == np.float32
+    assert np.isfinite(features).all()
+
+
+# -- packaged demo encoders ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def efficientnet():
+    torch.set_num_threads(2)
+    return load_image_encoder(EncoderSpec(image_size=128, batch_size=8))
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return load_text_encoder(EncoderSpec(batch_size=8))
+
+
+def test_efficientnet_features_are_deterministic_and_batch_invariant(efficientnet) -> None:
+    images = mixed_images()
+    features = efficientnet.encode(images)
+    check_features(features, len(images), 1280)
+    assert efficientnet.dim == 1280
+    np.testing.assert_array_equal(features, efficientnet.encode(images))
+    efficientnet.batch_size = 1
+    try:
+        one_by_one = efficientnet.encode(images, progress=True)
+    finally:
+        efficientnet.batch_size = 8
+    np.testing.assert_allclose(one_by_one, features, atol=1e-5, rtol=0)
+    # Different pictures must not collapse onto one feature.
+    assert np.ptp(features, axis=0).max() > 1e-2
+
+
+def test_efficientnet_same_picture_is_closer_than_a_different_picture(efficientnet) -> None:
+    original, rerendered, other = efficientnet.encode([scene(256), jpeg(scene(180), quality=40), checkerboard(256)])
+    assert cosine(original, rerendered) > cosine(original, other)
+    assert cosine(original, rerendered) > cosine(rerendered, other)
+
+
+def test_efficientnet_version_depends_on_image_size(efficientnet) -> None:
+    other = load_image_encoder(EncoderSpec(image_size=96))
+    assert other.version != efficientnet.version
+    assert len(efficientnet.version) == 12
+    assert load_image_encoder(EncoderSpec(image_size=128)).version == efficientnet.version
+
+
+def test_minilm_embeddings(minilm) -> None:
+    features = minilm.encode(PROMPTS)
+    check_features(features, len(PROMPTS), 384)
+    np.testing.assert_allclose(np.linalg.norm(features, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(features, minilm.encode(PROMPTS))
+    minilm.batch_size = 1
+    try:
+        one_by_one = minilm.encode(PROMPTS)
+    finally:
+        minilm.batch_size = 8
+    np.testing.assert_allclose(one_by_one, features, atol=1e-5, rtol=0)
+    cat, kitten, truck = features[:3]
+    assert cat @ kitten > cat @ truck
+
+
+def test_minilm_token_states_match_sentence_embedding(minilm) -> None:
+    from gda.encoders.minilm import mean_pool, token_states
+
+    hidden, mask = token_states(PROMPTS[:3], max_length=16)
+    assert hidden.shape == (3, 16, 384) and mask.shape == (3, 16)
+    assert hidden.dtype == torch.float32
+    assert (mask.sum(dim=1) < 16).all()
+    # Padding to a fixed length must not change what the real tokens see.
+    pooled = torch.nn.functional.normalize(mean_pool(hidden, mask), dim=-1).numpy()
+    np.testing.assert_allclose(pooled, minilm.encode(PROMPTS[:3]), atol=1e-5)
+
+
+def test_unknown_backend_is_a_clear_error() -> None:
+    with pytest.raises(EncoderError, match="unknown image backend"):
+        load_image_encoder(EncoderSpec(image_backend="resnet"))
+    with pytest.raises(EncoderError, match="unknown text backend"):
+        load_text_encoder(EncoderSpec(text_backend="t5"))
+
+
+# -- hf encoders from tiny local checkpoints -----------------------------------------------------
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+
+
+def save_image_model(path: Path, model_type: str, seed: int = 0) -> Path:
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+        Dinov2Config,
+        Dinov2Model,
+        ViTConfig,
+        ViTImageProcessor,
+        ViTModel,
+    )
+
+    torch.manual_seed(seed)
+    if model_type == "vit":
+        model = ViTModel(ViTConfig(**TINY, image_size=32, patch_size=8), add_pooling_layer=False)
+        processor = ViTImageProcessor(size={"height": 32, "width": 32})
+    elif model_type == "dinov2":
+        model = Dinov2Model(Dinov2Config(**TINY, image_size=32, patch_size=8))
+        processor = ViTImageProcessor(size={"height": 32, "width": 32})
+    else:
+        model = CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY, image_size=32, patch_size=8, projection_dim=24))
+        processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    model.save_pretrained(path, safe_serialization=True)
+    processor.save_pretrained(path)
+    return path
+
+
+def save_clip_text_model(path: Path) -> Path:
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for token in [*letters, *(c + "</w>" for c in letters), "re", "red</w>", "ca", "cat</w>"]:
+        vocab[token] = len(vocab)
+    merges = [("r", "e"), ("re", "d</w>"), ("c", "a"), ("ca", "t</w>")]
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)
+    torch.manual_seed(0)
+    config = CLIPTextConfig(
+        **TINY,
+        vocab_size=len(vocab),
+        max_position_embeddings=16,
+        projection_dim=20,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    CLIPTextModelWithProjection(config).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.mark.parametrize(("model_type", "dim"), [("vit", 32), ("dinov2", 32), ("clip_vision_model", 24)])
+def test_hf_image_encoder(tmp_path: Path, model_type: str, dim: int) -> None:
+    path = save_image_model(tmp_path / model_type, model_type)
+    encoder = load_image_encoder(EncoderSpec(image_backend="hf", image_model=str(path), batch_size=8))
+    images = mixed_images()
+    features = encoder.encode(images)
+    check_features(features, len(images), dim)
+    assert encoder.dim == dim
+    np.testing.assert_array_equal(features, encoder.encode(images))
+    encoder.batch_size = 1
+    np.testing.assert_allclose(encoder.encode(images), features, atol=1e-5, rtol=0)
+    assert np.ptp(features, axis=0).max() > 1e-3
+
+
+def test_hf_version_follows_weight_bytes(tmp_path: Path) -> None:
+    path = save_image_model(tmp_path / "vit", "vit", seed=0)
+    spec = EncoderSpec(image_backend="hf", image_model=str(path))
+    before = load_image_encoder(spec).version
+    # The same bytes in another folder keep the version.
+    copy = shutil.copytree(path, tmp_path / "copy")
+    assert load_image_encoder(EncoderSpec(image_backend="hf", image_model=str(copy))).version == before
+    save_image_model(path, "vit", seed=1)
+    assert load_image_encoder(spec).version != before
+
+
+def test_hf_clip_text_encoder(tmp_path: Path) -> None:
+    path = save_clip_text_model(tmp_path / "clip_text")
+    encoder = load_text_encoder(EncoderSpec(text_backend="hf", text_model=str(path), batch_size=8))
+    features = encoder.encode(PROMPTS)
+    check_features(features, len(PROMPTS), 20)
+    np.testing.assert_array_equal(features, encoder.encode(PROMPTS))
+    encoder.batch_size = 1
+    np.testing.assert_allclose(encoder.encode(PROMPTS), features, atol=1e-5, rtol=0)
+    assert not np.allclose(features[0], features[2])
+
+
+def test_hf_missing_model_is_a_clear_error(tmp_path: Path) -> None:
+    for model in [str(tmp_path / "nowhere"), "someone/not-cached"]:
+        with pytest.raises(EncoderError, match="not found.*HF cache") as error:
+            load_image_encoder(EncoderSpec(image_backend="hf", image_model=model))
+        assert "\n" not in str(error.value)
+    with pytest.raises(EncoderError, match="needs a model"):
+        load_text_encoder(EncoderSpec(text_backend="hf"))
+
+
+def test_hf_unsupported_model_type_is_a_clear_error(tmp_path: Path) -> None:
+    path = save_image_model(tmp_path / "vit", "vit")
+    with pytest.raises(EncoderError, match="model_type 'vit'"):
+        load_text_encoder(EncoderSpec(text_backend="hf", text_model=str(path)))
