@@ -2,23 +2,20 @@
 
 import dagster as dg
 
-from gda_assets.partitions import shard_partitions
 
 # Every asset partitioned by shard: ingest plus features, one run per shard.
 shard_job = dg.define_asset_job(
     "shard_job",
-    selection=dg.AssetSelection.keys("training_images", "rejected_images", "image_features", "text_features"),
-    partitions_def=shard_partitions,
+    selection=dg.AssetSelection.assets("training_images", "rejected_images", "image_features", "text_features"),
     description="Ingest one shard into DuckDB and compute its image and caption features.",
 )
 
 ingest_job = dg.define_asset_job(
     "ingest_job",
-    selection=dg.AssetSelection.keys("training_images", "rejected_images"),
-    partitions_def=shard_partitions,
+    selection=dg.AssetSelection.assets("training_images", "rejected_images"),
     description="Ingest one shard into DuckDB (accepted and rejected samples) without features.",
 )
 
 demo_corpus_job = dg.define_asset_job(
-    "demo_corpus_job", selection=dg.AssetSelection.keys("demo_corpus"), description="Render the embedded corpus."
+    "demo_corpus_job", selection=dg.AssetSelection.assets("demo_corpus"), description="Render the embedded corpus."
 )

@@ -4,7 +4,6 @@ Each step is a real run recorded in ``HOME/dagster``, so what ``gda demo`` or ``
 in the UI afterwards (runs, partitions, metadata, check results) exactly as if it had been launched there.
 """
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +25,9 @@ class ShardReport:
 
 
 def open_instance(home: Home) -> dg.DagsterInstance:
+    """The home's persistent instance (``HOME/dagster``), the same one ``gda ui`` serves."""
     home.ensure()
-    os.environ["DAGSTER_HOME"] = str(home.dagster_home)
-    return dg.DagsterInstance.get()
+    return dg.DagsterInstance.from_config(str(home.dagster_home))
 
 
 def _row_count(result: dg.ExecuteInProcessResult, asset: str) -> int:

