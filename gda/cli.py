@@ -35,8 +35,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     home = Home.resolve(args.home)
     shards = Path(args.shards) if args.shards else None
-    reports = demo(home, profile=args.profile, shards_dir=shards)
-    status = _print_reports(reports)
+    report = demo(home, profile=args.profile, shards_dir=shards, retrain=args.retrain)
+    status = _print_reports(report.shards)
+    failed = [batch for batch, ok in report.query_batches.items() if not ok]
+    print(f"query batches: {len(report.query_batches) - len(failed)} of {len(report.query_batches)} generated")
+    if failed:
+        print(f"query batch run(s) failed: {', '.join(failed)}", file=sys.stderr)
+        status = 1
     print(f"home: {home.root}  (open the UI with: gda ui --home {home.root})")
     return status
 
@@ -68,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the main job on the embedded default corpus (or --shards)")
     _add_common(demo)
     demo.add_argument("--shards", default=os.environ.get("GDA_SHARDS"), help="use your own img2dataset shards folder")
+    demo.add_argument("--retrain", action="store_true", help="train the diffusion model even if a shipped checkpoint fits")
     demo.set_defaults(run=_cmd_demo)
 
     ingest = commands.add_parser("ingest", help="register and ingest every shard of an img2dataset folder")

@@ -5,6 +5,8 @@ back with a read-only connection: they verify what is in DuckDB, not the frame t
 """
 
 
+from dataclasses import dataclass
+
 import dagster as dg
 
 from gda import tables
@@ -13,7 +15,8 @@ from resources import Warehouse
 
 SCHEMA_CHECK = "conforms_to_schema"
 
-# An invariant: (name, description, SQL returning one integer: the number of violating rows for shard ?).
+# An invariant: (name, description, SQL counting the violating rows). ``{where}`` becomes the partition's
+# filter (``WHERE shard = ?``) or nothing for an unpartitioned table; ``{table}`` the qualified name.
 Invariant = tuple[str, str, str]
 
 INVARIANTS: dict[str, list[Invariant]] = {
@@ -21,21 +24,36 @@ INVARIANTS: dict[str, list[Invariant]] = {
         (
             "unique_ids",
             "No training image id occurs twice anywhere in the table.",
-            "SELECT count(*) - count(DISTINCT id) FROM training_images WHERE ? IS NOT NULL",
+            "SELECT count(*) - count(DISTINCT id) FROM {table}",
         ),
         (
             "ids_match_shard",
             "Every id carries its shard number in the high 32 bits.",
-            "SELECT count(*) FROM training_images WHERE shard = ? AND (id >> 32) <> CAST(shard AS BIGINT)",
+            "SELECT count(*) FROM {table} {where} AND (id >> 32) <> CAST(shard AS BIGINT)",
         ),
     ],
     "rejected_images": [
         (
             "known_reasons",
             "Every rejection has a documented reason code.",
-            "SELECT count(*) FROM rejected_images WHERE shard = ? AND reason NOT IN ("
+            "SELECT count(*) FROM {table} {where} AND reason NOT IN ("
             + ", ".join(f"'{code}'" for code in REASONS)
             + ")",
+        ),
+    ],
+    "query_prompts": [
+        ("unique_query_ids", "No query id occurs twice.", "SELECT count(*) - count(DISTINCT query_id) FROM {table}"),
+        (
+            "known_splits",
+            "Every prompt belongs to the train, val or test split.",
+            "SELECT count(*) FROM {table} WHERE split NOT IN ('train', 'val', 'test')",
+        ),
+    ],
+    "generated_queries": [
+        (
+            "every_prompt_generated",
+            "Every prompt of the batch has exactly one generated image.",
+            "SELECT (SELECT count(*) FROM {schema}.query_prompts {where}) - count(DISTINCT query_id) FROM {table} {where}",
         ),
     ],
 }
@@ -69,7 +87,23 @@ def table_check_specs(table: str) -> list[dg.AssetCheckSpec]:
     return specs
 
 
-def _schema_result(warehouse: Warehouse, table: str, shard: str, expected_rows: int) -> dg.AssetCheckResult:
+@dataclass(frozen=True)
+class Partition:
+    """Which rows a check looks at: those of one partition (column = key), or the whole table."""
+
+    column: str | None = None
+    key: str | None = None
+
+    @property
+    def where(self) -> str:
+        # "WHERE TRUE" keeps "{where} AND ..." valid for unpartitioned tables.
+        return f"WHERE {self.column} = ?" if self.column else "WHERE TRUE"
+
+    def params(self, sql: str) -> list[str]:
+        return [self.key] * sql.count("?") if self.column else []
+
+
+def _schema_result(warehouse: Warehouse, table: str, part: Partition, expected_rows: int) -> dg.AssetCheckResult:
     declared = [(c.name, c.type) for c in tables.columns(table)]
     stored = warehouse.query(
         "SELECT column_name, data_type FROM duckdb_columns() WHERE schema_name = ? AND table_name = ? "
@@ -77,19 +111,20 @@ def _schema_result(warehouse: Warehouse, table: str, shard: str, expected_rows: 
         [tables.SCHEMA, table],
     ).rows()
     problems: list[str] = []
+    qualified = f"{tables.SCHEMA}.{table}"
     if [tuple(r) for r in stored] != declared:
         problems.append(f"stored columns {stored} differ from the DDL {declared}")
     else:
         for column in tables.columns(table):
             if not column.nullable:
-                nulls = warehouse.query(
-                    f"SELECT count(*) FROM {tables.SCHEMA}.{table} WHERE shard = ? AND {column.name} IS NULL", [shard]
-                ).item()
+                sql = f"SELECT count(*) FROM {qualified} {part.where} AND {column.name} IS NULL"
+                nulls = warehouse.query(sql, part.params(sql)).item()
                 if nulls:
                     problems.append(f"{nulls} nulls in NOT NULL column {column.name}")
-        rows = warehouse.query(f"SELECT count(*) FROM {tables.SCHEMA}.{table} WHERE shard = ?", [shard]).item()
+        sql = f"SELECT count(*) FROM {qualified} {part.where}"
+        rows = warehouse.query(sql, part.params(sql)).item()
         if rows != expected_rows:
-            problems.append(f"partition holds {rows} rows, {expected_rows} were written")
+            problems.append(f"{'partition' if part.column else 'table'} holds {rows} rows, {expected_rows} were written")
     return dg.AssetCheckResult(
         check_name=SCHEMA_CHECK,
         asset_key=table,
@@ -99,11 +134,14 @@ def _schema_result(warehouse: Warehouse, table: str, shard: str, expected_rows: 
     )
 
 
-def table_check_results(warehouse: Warehouse, table: str, shard: str, expected_rows: int) -> list[dg.AssetCheckResult]:
-    """Evaluate every check of ``table_check_specs(table)`` against the stored partition ``shard``."""
-    results = [_schema_result(warehouse, table, shard, expected_rows)]
-    for name, _, sql in INVARIANTS.get(table, []):
-        violations = warehouse.query(sql, [shard]).item()
+def table_check_results(
+    warehouse: Warehouse, table: str, expected_rows: int, part: Partition = Partition()
+) -> list[dg.AssetCheckResult]:
+    """Evaluate every check of ``table_check_specs(table)`` against the stored rows of ``part``."""
+    results = [_schema_result(warehouse, table, part, expected_rows)]
+    for name, _, template in INVARIANTS.get(table, []):
+        sql = template.format(table=f"{tables.SCHEMA}.{table}", schema=tables.SCHEMA, where=part.where)
+        violations = warehouse.query(sql, part.params(sql)).item()
         results.append(
             dg.AssetCheckResult(
                 check_name=name, asset_key=table, passed=violations == 0, metadata={"violations": violations}

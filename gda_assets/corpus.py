@@ -7,7 +7,7 @@ import dagster as dg
 
 from gda.corpus.ingest import ingest_shard
 from gda.corpus.shards import list_shards
-from gda_assets.checks import column_schema, table_check_results, table_check_specs
+from gda_assets.checks import Partition, column_schema, table_check_results, table_check_specs
 from gda_assets.partitions import shard_partitions
 from resources import CorpusSource, DemoCorpusSource, Warehouse
 
@@ -71,7 +71,7 @@ def build_training_images(embedded: bool) -> dg.AssetsDefinition:
         for table, frame in (("training_images", result.accepted), ("rejected_images", result.rejected)):
             yield dg.Output(frame, output_name=table, metadata={"dagster/row_count": frame.height})
         for table, frame in (("training_images", result.accepted), ("rejected_images", result.rejected)):
-            yield from table_check_results(warehouse, table, shard, frame.height)
+            yield from table_check_results(warehouse, table, frame.height, Partition("shard", shard))
 
     return training_images
 

@@ -13,8 +13,19 @@ from gda.home import Home
 from gda.profiles import profile_values
 from gda_assets.corpus import build_training_images, demo_corpus, shard_sensor
 from gda_assets.features import image_features, text_features
-from gda_assets.jobs import demo_corpus_job, ingest_job, shard_job
-from resources import ArrayIOManager, Compute, CorpusSource, DemoCorpusSource, Encoders, Warehouse
+from gda_assets.jobs import demo_corpus_job, ingest_job, model_job, query_batch_job, shard_job
+from gda_assets.model import build_query_prompts, diffusion_model, generated_queries, query_features
+from resources import (
+    ArrayIOManager,
+    Artifacts,
+    Compute,
+    CorpusSource,
+    DemoCorpusSource,
+    DiffusionSource,
+    Encoders,
+    QueryPlan,
+    Warehouse,
+)
 
 
 def build_resources(home: Home, profile: str, shards: Path | None) -> dict[str, Any]:
@@ -26,6 +37,9 @@ def build_resources(home: Home, profile: str, shards: Path | None) -> dict[str, 
         "demo_corpus_source": DemoCorpusSource(
             **values["demo_corpus_source"], heldout_prompts=str(home.artifacts / "demo_corpus" / "heldout_prompts.parquet")
         ),
+        "diffusion": DiffusionSource(**values["diffusion"]),
+        "query_plan": QueryPlan(**values["query_plan"]),
+        "artifacts": Artifacts(root=str(home.artifacts)),
         "warehouse": Warehouse(database=str(home.duckdb_path)),
         "warehouse_io": DuckDBPolarsIOManager(database=str(home.duckdb_path), schema=tables.SCHEMA),
         "array_io": ArrayIOManager(root=str(home.artifacts)),
@@ -43,8 +57,16 @@ def build_defs(
     by name."""
     home = home or Home.resolve()
     embedded = shards is None
-    assets: list[Any] = [build_training_images(embedded), image_features, text_features]
-    jobs: list[Any] = [shard_job, ingest_job]
+    assets: list[Any] = [
+        build_training_images(embedded),
+        image_features,
+        text_features,
+        diffusion_model,
+        build_query_prompts(embedded),
+        generated_queries,
+        query_features,
+    ]
+    jobs: list[Any] = [shard_job, ingest_job, model_job, query_batch_job]
     if embedded:
         assets.insert(0, demo_corpus)
         jobs.append(demo_corpus_job)

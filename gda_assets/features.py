@@ -4,7 +4,8 @@
 import dagster as dg
 
 from gda.arrays import IdArray
-from gda.features import caption_features, shard_image_features
+from gda import features
+from gda.corpus.shards import load_images
 from gda_assets.partitions import shard_partitions
 from resources import Compute, CorpusSource, Encoders, Warehouse
 
@@ -27,8 +28,8 @@ def image_features(
     context: dg.AssetExecutionContext, compute: Compute, encoders: Encoders, corpus: CorpusSource, warehouse: Warehouse
 ) -> dg.Output[IdArray]:
     rows = warehouse.named("shard_images", [context.partition_key])
-    encoder = encoders.image(compute.device)
-    array = shard_image_features(encoder, corpus.shard_path(context.partition_key), rows["id"].to_list(), rows["key"].to_list())
+    images = load_images(corpus.shard_path(context.partition_key), rows["key"].to_list())
+    array = features.image_features(encoders.image(compute.device), rows["id"].to_list(), images)
     return dg.Output(array, metadata=_feature_metadata(array))
 
 
@@ -46,5 +47,5 @@ def text_features(
     context: dg.AssetExecutionContext, compute: Compute, encoders: Encoders, warehouse: Warehouse
 ) -> dg.Output[IdArray]:
     rows = warehouse.named("shard_images", [context.partition_key])
-    array = caption_features(encoders.text(compute.device), rows["id"].to_list(), rows["caption"].to_list())
+    array = features.text_features(encoders.text(compute.device), rows["id"].to_list(), rows["caption"].to_list())
     return dg.Output(array, metadata=_feature_metadata(array))

@@ -19,3 +19,15 @@ ingest_job = dg.define_asset_job(
 demo_corpus_job = dg.define_asset_job(
     "demo_corpus_job", selection=dg.AssetSelection.assets("demo_corpus"), description="Render the embedded corpus."
 )
+
+model_job = dg.define_asset_job(
+    "model_job",
+    selection=dg.AssetSelection.assets("diffusion_model", "query_prompts"),
+    description="Train (or register) the diffusion model and plan the query prompts.",
+)
+
+query_batch_job = dg.define_asset_job(
+    "query_batch_job",
+    selection=dg.AssetSelection.assets("generated_queries", "query_image_features", "query_text_features"),
+    description="Generate one batch of queries and compute their features.",
+)

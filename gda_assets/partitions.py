@@ -3,3 +3,4 @@
 import dagster as dg
 
 shard_partitions = dg.DynamicPartitionsDefinition(name="shards")
+query_batch_partitions = dg.DynamicPartitionsDefinition(name="query_batches")

@@ -12,8 +12,9 @@ import dagster as dg
 from gda.corpus.shards import list_shards
 from gda.home import Home
 from gda.profiles import resolve_profile
-from gda_assets.factory import build_defs
-from gda_assets.partitions import shard_partitions
+from gda_assets.factory import build_defs, build_resources
+from gda_assets.partitions import query_batch_partitions, shard_partitions
+from resources import DiffusionSource
 
 
 @dataclass(frozen=True)
@@ -61,17 +62,39 @@ def ingest(home: Home, shards_dir: Path, profile: str | None = None) -> list[Sha
     return run_shards(instance, defs, "ingest_job", [p.stem for p in paths])
 
 
-def demo(home: Home, profile: str | None = None, shards_dir: Path | None = None) -> list[ShardReport]:
-    """The main job on the embedded default (or a user's shards): corpus, ingest and features."""
+def _run(instance: dg.DagsterInstance, defs: dg.Definitions, job_name: str) -> None:
+    result = defs.resolve_job_def(job_name).execute_in_process(instance=instance, raise_on_error=False)
+    if not result.success:
+        raise RuntimeError(f"{job_name} failed; open its run in the UI (gda ui) for the cause")
+
+
+@dataclass(frozen=True)
+class DemoReport:
+    shards: list[ShardReport]
+    query_batches: dict[str, bool]  # batch -> succeeded
+
+
+def demo(home: Home, profile: str | None = None, shards_dir: Path | None = None, retrain: bool = False) -> DemoReport:
+    """The main job on the embedded default (or a user's shards): corpus, ingest, features, the model,
+    the query prompts, and each batch of generated queries with their features."""
     profile = resolve_profile(profile)
     instance = open_instance(home)
-    defs = build_defs(home=home, profile=profile, shards=shards_dir.resolve() if shards_dir else None)
-    if shards_dir is None:
-        result = defs.resolve_job_def("demo_corpus_job").execute_in_process(instance=instance, raise_on_error=False)
-        if not result.success:
-            raise RuntimeError("demo_corpus failed; see the run in the UI or the log above")
-        shards_dir = home.shards
-    paths = list_shards(shards_dir)
+    shards = shards_dir.resolve() if shards_dir else None
+    overrides = {}
+    if retrain:
+        diffusion = build_resources(home, profile, shards)["diffusion"]
+        overrides["diffusion"] = DiffusionSource(**{**diffusion.model_dump(), "retrain": True})
+    defs = build_defs(home=home, profile=profile, shards=shards, overrides=overrides)
+    if shards is None:
+        _run(instance, defs, "demo_corpus_job")
+    paths = list_shards(shards or home.shards)
     if not paths:
-        raise FileNotFoundError(f"no NNNNN.tar shards in {shards_dir}")
-    return run_shards(instance, defs, "shard_job", [p.stem for p in paths])
+        raise FileNotFoundError(f"no NNNNN.tar shards in {shards or home.shards}")
+    shard_reports = run_shards(instance, defs, "shard_job", [p.stem for p in paths])
+    _run(instance, defs, "model_job")
+    job = defs.resolve_job_def("query_batch_job")
+    batches = {
+        key: job.execute_in_process(instance=instance, partition_key=key, raise_on_error=False).success
+        for key in sorted(instance.get_dynamic_partitions(query_batch_partitions.name))
+    }
+    return DemoReport(shards=shard_reports, query_batches=batches)

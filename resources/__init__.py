@@ -1,9 +1,21 @@
 """Dagster resources: typed configuration plus the handles assets use (compute, storage, models, corpus)."""
 
 from resources.arrays import ArrayIOManager
+from resources.artifacts import Artifacts
 from resources.compute import Compute
 from resources.corpus import CorpusSource, DemoCorpusSource
+from resources.diffusion import DiffusionSource, QueryPlan
 from resources.encoders import Encoders
 from resources.warehouse import Warehouse
 
-__all__ = ["ArrayIOManager", "Compute", "CorpusSource", "DemoCorpusSource", "Encoders", "Warehouse"]
+__all__ = [
+    "ArrayIOManager",
+    "Artifacts",
+    "Compute",
+    "CorpusSource",
+    "DemoCorpusSource",
+    "DiffusionSource",
+    "Encoders",
+    "QueryPlan",
+    "Warehouse",
+]

@@ -19,3 +19,15 @@ SELECT id, count(*) AS n FROM training_images GROUP BY id HAVING count(*) > 1;
 -- name: shard_images
 -- The accepted images of one shard, in tar order: what the feature assets encode.
 SELECT id, key, caption FROM training_images WHERE shard = ? ORDER BY id;
+
+-- name: corpus_for_training
+-- Every accepted training image with what the model trains on, in id order.
+SELECT id, shard, key, captions, sha256 FROM training_images ORDER BY id;
+
+-- name: batch_prompts
+-- The prompts of one query batch, in query order.
+SELECT query_id, prompt, seed, extra FROM query_prompts WHERE batch = ? ORDER BY query_id;
+
+-- name: batch_queries
+-- The generated queries of one batch, in query order.
+SELECT query_id, prompt, image_path FROM generated_queries WHERE batch = ? ORDER BY query_id;

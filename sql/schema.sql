@@ -27,3 +27,30 @@ CREATE TABLE IF NOT EXISTS rejected_images (
     detail VARCHAR NOT NULL,       -- one line for a person
     sha256 VARCHAR                 -- of the image bytes, when there were any
 );
+
+-- Prompts for generated queries, split into train / val / test and grouped into query batches.
+CREATE TABLE IF NOT EXISTS query_prompts (
+    query_id BIGINT NOT NULL,      -- unique over all splits
+    split VARCHAR NOT NULL,        -- train (student training), val (model selection), test (evaluation)
+    batch VARCHAR NOT NULL,        -- query-batch partition key, e.g. test-000
+    prompt VARCHAR NOT NULL,
+    seed BIGINT NOT NULL,          -- sampling seed of this query
+    extra VARCHAR                  -- JSON attributes the prompt was built from (demo: icon, fg, bg, ...)
+);
+
+-- One row per generated query image; partitioned by query batch.
+CREATE TABLE IF NOT EXISTS generated_queries (
+    query_id BIGINT NOT NULL,
+    batch VARCHAR NOT NULL,        -- partition key
+    prompt VARCHAR NOT NULL,
+    seed BIGINT NOT NULL,
+    steps INTEGER NOT NULL,        -- DDIM steps
+    guidance_scale DOUBLE NOT NULL,
+    model_version VARCHAR NOT NULL, -- the diffusion_model version that generated it
+    image_path VARCHAR NOT NULL,   -- PNG under the artifact root
+    image_sha256 VARCHAR NOT NULL,
+    fg_expected VARCHAR,           -- demo prompts: the colours the prompt asks for ...
+    bg_expected VARCHAR,
+    fg_detected VARCHAR,           -- ... and the colours the palette detector sees
+    bg_detected VARCHAR
+);

@@ -12,11 +12,12 @@ import io
 import json
 import os
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
+from PIL import Image
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SHARD_DIGITS = 5
@@ -179,3 +180,15 @@ def iter_image_bytes(path: Path, keys: Iterable[str]) -> Iterator[tuple[str, byt
             seen.add(entry.key)
             ext = next(e for e in IMAGE_EXTENSIONS if e in entry.files)
             yield entry.key, entry.files[ext]
+
+
+def load_images(path: Path, keys: Sequence[str]) -> list[Image.Image]:
+    """The decoded images of ``keys`` (ingested samples), in the order of ``keys``."""
+    found = dict(iter_image_bytes(path, keys))
+    missing = [key for key in keys if key not in found]
+    if missing:
+        raise FileNotFoundError(
+            f"{path.name} no longer holds {len(missing)} ingested samples (first: {missing[0]}); "
+            "the shard changed since ingest: re-materialize training_images for it"
+        )
+    return [Image.open(io.BytesIO(found[key])) for key in keys]

@@ -39,6 +39,12 @@ class ScratchModelConfig:
     `attention_levels[i]` puts transformer blocks (self- plus cross-attention) at resolution level i;
     level 0 is full resolution, where self-attention costs about 3x the whole model on CPU, hence off by
     default. The mid block always cross-attends.
+
+    `rescale_betas_zero_snr` rescales the betas to zero terminal SNR (Lin et al. 2024), so the last training
+    timestep is pure noise and the model must predict the image from the prompt alone; it needs
+    v-prediction (an epsilon target says nothing about the image there). `timestep_spacing` is how DDIM
+    picks its sampling timesteps; "trailing" starts at the last training timestep, which zero terminal SNR
+    wants.
     """
 
     sample_size: int = 16
@@ -49,6 +55,8 @@ class ScratchModelConfig:
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     beta_schedule: Literal["linear", "squaredcos_cap_v2"] = "linear"
     text_max_length: int = 32
+    rescale_betas_zero_snr: bool = False
+    timestep_spacing: Literal["leading", "trailing", "linspace"] = "leading"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -65,6 +73,10 @@ class ScratchModelConfig:
             raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {self.prediction_type!r}")
         if self.beta_schedule not in ("linear", "squaredcos_cap_v2"):
             raise ValueError(f"beta_schedule must be 'linear' or 'squaredcos_cap_v2', got {self.beta_schedule!r}")
+        if self.timestep_spacing not in ("leading", "trailing", "linspace"):
+            raise ValueError(f"timestep_spacing must be 'leading', 'trailing' or 'linspace', got {self.timestep_spacing!r}")
+        if self.rescale_betas_zero_snr and self.prediction_type != "v_prediction":
+            raise ValueError("rescale_betas_zero_snr needs prediction_type 'v_prediction' (epsilon is undefined at zero SNR)")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ScratchModelConfig:
@@ -117,6 +129,8 @@ def _ddpm_scheduler(config: ScratchModelConfig) -> DDPMScheduler:
         num_train_timesteps=NUM_TRAIN_TIMESTEPS,
         beta_schedule=config.beta_schedule,
         prediction_type=config.prediction_type,
+        rescale_betas_zero_snr=config.rescale_betas_zero_snr,
+        timestep_spacing=config.timestep_spacing,
     )
 
 

@@ -28,6 +28,11 @@ def test_definitions_validate(tmp_path: Path) -> None:
         "rejected_images": "corpus",
         "image_features": "features",
         "text_features": "features",
+        "diffusion_model": "model",
+        "query_prompts": "model",
+        "generated_queries": "model",
+        "query_image_features": "model",
+        "query_text_features": "model",
     }
 
 
@@ -48,9 +53,9 @@ def test_every_partitioned_duckdb_asset_has_partition_expr(tmp_path: Path) -> No
         io_key = assets_def.get_io_manager_key_for_asset_key(key)
         if io_key == "warehouse_io" and node.partitions_def is not None:
             duckdb_assets.append(key.to_user_string())
-            assert node.metadata.get("partition_expr") == "shard", key
+            assert node.metadata.get("partition_expr") in ("shard", "batch"), key
             assert "dagster/column_schema" in node.metadata, key
-    assert sorted(duckdb_assets) == ["rejected_images", "training_images"]
+    assert sorted(duckdb_assets) == ["generated_queries", "rejected_images", "training_images"]
 
 
 def test_blocking_checks_cover_every_table(tmp_path: Path) -> None:
@@ -60,6 +65,8 @@ def test_blocking_checks_cover_every_table(tmp_path: Path) -> None:
     assert ("training_images", "conforms_to_schema") in checks
     assert ("rejected_images", "conforms_to_schema") in checks
     assert ("training_images", "unique_ids") in checks
+    assert ("generated_queries", "every_prompt_generated") in checks
+    assert ("query_prompts", "conforms_to_schema") in checks
     assert all(graph.get_check_spec(k).blocking for k in graph.asset_check_keys)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 from pathlib import Path
 
 import dagster as dg
@@ -11,9 +13,13 @@ import pytest
 
 from gda import arrays
 from gda.cli import main
+from gda.diffusion.card import corpus_fingerprint, read_card, weights_version
 from gda.home import Home
+from gda.profiles import profile_values
+from gda.queries import load_generated, query_seed
 from gda_assets.factory import build_defs
 from gda_assets.runner import open_instance, run_shards
+from resources import DiffusionSource
 from shardkit import good, png, write_tar
 
 
@@ -80,3 +86,59 @@ def test_ingest_of_a_user_folder_records_rejections(tmp_path: Path, capsys: pyte
     ]
     assert _query(home_, "SELECT key FROM training_images ORDER BY key") == [("000100000",), ("000110000",)]
     assert not (home_.shards / "00010.tar").exists()  # the user's shards are read in place, never copied
+
+
+def test_model_card_records_the_corpus_and_weights(demo_home: Home) -> None:
+    folder = demo_home.artifacts / "diffusion_model"
+    card = read_card(folder)
+    assert card.kind == "scratch" and not card.shipped
+    assert card.version == weights_version(folder / "weights")
+    ids, shas, captions = zip(*_query(demo_home, "SELECT id, sha256, captions FROM training_images"))
+    assert card.corpus_fingerprint == corpus_fingerprint(list(ids), list(shas), [list(c) for c in captions])
+    assert card.n_training_images == 240 and len(card.loss_curve) >= 1 and all(np.isfinite(card.loss_curve))
+
+
+def test_queries_are_split_batched_generated_and_encoded(demo_home: Home) -> None:
+    splits = dict(_query(demo_home, "SELECT split, count(*) FROM query_prompts GROUP BY split"))
+    assert splits == {"train": 16, "val": 4, "test": 8}
+    instance = open_instance(demo_home)
+    batches = sorted(instance.get_dynamic_partitions("query_batches"))
+    assert batches == ["test-000", "train-000", "train-001", "val-000"]
+    rows = _query(demo_home, "SELECT q.query_id, q.seed, g.image_path, g.image_sha256, g.batch FROM query_prompts q JOIN generated_queries g USING (query_id)")
+    assert len(rows) == 28
+    for query_id, seed, image_path, sha, _ in rows:
+        assert seed == query_seed(0, query_id)
+        assert hashlib.sha256(Path(image_path).read_bytes()).hexdigest() == sha
+    for batch in batches:
+        generated = load_generated(demo_home.artifacts / "generated_queries" / f"{batch}.safetensors")
+        n = len([r for r in rows if r[4] == batch])
+        assert generated.samples.shape == (n, 3, 16, 16) and generated.prompt_states.shape[0] == n
+        image = arrays.load(demo_home.artifacts / "query_image_features" / f"{batch}.safetensors")
+        text = arrays.load(demo_home.artifacts / "query_text_features" / f"{batch}.safetensors")
+        assert image.ids.tolist() == text.ids.tolist() == generated.query_ids.tolist()
+        assert image.values.shape == (n, 1280) and text.values.shape == (n, 384)
+
+
+def test_regenerating_a_batch_reproduces_its_images(demo_home: Home) -> None:
+    sql = "SELECT query_id, image_sha256 FROM generated_queries WHERE batch = 'test-000' ORDER BY query_id"
+    before = _query(demo_home, sql)
+    instance = open_instance(demo_home)
+    job = build_defs(home=demo_home, profile="tiny").resolve_job_def("query_batch_job")
+    assert job.execute_in_process(instance=instance, partition_key="test-000").success
+    assert _query(demo_home, sql) == before
+
+
+def test_a_shipped_checkpoint_for_this_corpus_is_used_instead_of_training(demo_home: Home, tmp_path: Path) -> None:
+    shipped = tmp_path / "shipped"
+    shutil.copytree(demo_home.artifacts / "diffusion_model", shipped)
+    trained = read_card(shipped)
+    values = profile_values("tiny")["diffusion"]
+    for retrain, expect_shipped in ((False, True), (True, False)):
+        source = DiffusionSource(**{**values, "shipped_checkpoint": str(shipped), "retrain": retrain})
+        defs = build_defs(home=demo_home, profile="tiny", overrides={"diffusion": source})
+        job = defs.resolve_job_def("model_job")
+        assert job.execute_in_process(instance=open_instance(demo_home)).success
+        card = read_card(demo_home.artifacts / "diffusion_model")
+        assert card.shipped is expect_shipped
+        # Training is seeded, so retraining reproduces the shipped weights exactly.
+        assert card.version == trained.version

@@ -1,0 +1,61 @@
+"""PNG figures for asset metadata and reports: loss curves and labelled image grids.
+
+matplotlib with the Agg backend (no display); imported inside the functions so that importing gda
+modules that mention plots stays cheap.
+"""
+
+from __future__ import annotations
+
+import io
+import textwrap
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def line_plot_png(series: dict[str, Sequence[float]], title: str, xlabel: str, ylabel: str, log_y: bool = False) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 3.5))
+    for label, values in series.items():
+        axes.plot(np.arange(1, len(values) + 1), values, label=label)
+    axes.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    if log_y:
+        axes.set_yscale("log")
+    if len(series) > 1:
+        axes.legend()
+    try:
+        return _png(figure)
+    finally:
+        plt.close(figure)
+
+
+def image_grid_png(images: Sequence[np.ndarray], labels: Sequence[str], columns: int = 8, title: str = "") -> bytes:
+    """A grid of HxWx3 images (uint8 or floats in [0, 1]) with a short label under each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    rows = max(1, -(-len(images) // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(1.8 * columns, 2.1 * rows), squeeze=False)
+    for index, axis in enumerate(axes.flat):
+        axis.axis("off")
+        if index < len(images):
+            axis.imshow(images[index], interpolation="nearest")
+            axis.set_title(textwrap.shorten(labels[index], 72), fontsize=5, wrap=True)
+    if title:
+        figure.suptitle(title, fontsize=9)
+    try:
+        return _png(figure)
+    finally:
+        plt.close(figure)
