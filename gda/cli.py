@@ -66,6 +66,17 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     return 0  # not reached: execv replaces the process
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import bench
+
+    result = bench.run(args.name, Path(args.home or os.environ.get("GDA_HOME", ".gda")), args.profile)
+    print(bench.table(result))
+    if args.json:
+        bench.write_json(result, Path(args.json))
+        print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gda", description="Fast data attribution for text-to-image models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=3000)
     ui.set_defaults(run=_cmd_ui)
+
+    bench = commands.add_parser("bench", help="run a benchmark: JSON for machines, a table for people")
+    _add_common(bench)
+    bench.add_argument("name", help="benchmark name, e.g. model")
+    bench.add_argument("--json", help="write the result as JSON to this file")
+    bench.set_defaults(run=_cmd_bench)
     return parser
 
 

@@ -1,0 +1,45 @@
+"""Query planning: disjoint splits of the requested sizes, fixed batches, seeds that depend on the query alone."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+
+from gda.queries import QueryCounts, heldout_candidates, plan_queries, query_seed
+
+
+def _candidates(n: int) -> pl.DataFrame:
+    return pl.DataFrame({"prompt": [f"prompt {i}" for i in range(n)], "extra": [json.dumps({"i": i}) for i in range(n)]})
+
+
+def test_splits_are_disjoint_sized_and_batched() -> None:
+    plan = plan_queries(_candidates(100), QueryCounts(n_train=30, n_val=5, n_test=12, batch_size=8, seed=3))
+    sizes = dict(plan.group_by("split").len().iter_rows())
+    assert sizes == {"train": 30, "val": 5, "test": 12}
+    assert plan["prompt"].n_unique() == plan.height == 47
+    assert plan["query_id"].to_list() == list(range(47))
+    batches = dict(plan.group_by("batch").len().iter_rows())
+    assert batches == {"test-000": 8, "test-001": 4, "val-000": 5, "train-000": 8, "train-001": 8, "train-002": 8, "train-003": 6}
+    assert all(b.startswith(s) for b, s in zip(plan["batch"], plan["split"]))
+    assert plan["seed"].to_list() == [query_seed(3, q) for q in range(47)]
+    # The same plan twice, and a different one for another seed.
+    again = plan_queries(_candidates(100), QueryCounts(30, 5, 12, 8, 3))
+    assert again.equals(plan)
+    other = plan_queries(_candidates(100), QueryCounts(30, 5, 12, 8, 4))
+    assert other["prompt"].to_list() != plan["prompt"].to_list()
+
+
+def test_duplicate_prompts_are_drawn_once_and_shortage_is_an_error() -> None:
+    doubled = pl.concat([_candidates(10), _candidates(10)])
+    plan = plan_queries(doubled, QueryCounts(n_train=6, n_val=2, n_test=2, batch_size=4, seed=0))
+    assert plan["prompt"].n_unique() == 10
+    with pytest.raises(ValueError, match="11 query prompts requested but only 10"):
+        plan_queries(doubled, QueryCounts(n_train=7, n_val=2, n_test=2, batch_size=4, seed=0))
+
+
+def test_heldout_attributes_travel_as_json() -> None:
+    heldout = pl.DataFrame({"prompt_id": [0], "prompt": ["a red cat icon"], "fg": ["red"], "bg": ["blue"]})
+    candidates = heldout_candidates(heldout)
+    assert json.loads(candidates["extra"][0]) == {"bg": "blue", "fg": "red"}
