@@ -1,15 +1,15 @@
-"""all-MiniLM-L6-v2 text encoder (the demo default) and its per-token hidden states.
+"""all-MiniLM-L6-v2 text encoder (the demo default).
 
 Sentence embeddings follow sentence-transformers for this model: attention-masked mean pooling over
-the last hidden states, then L2 normalisation (384-d). `token_states` exposes the unpooled states for
-the diffusion model's text conditioning.
+the last hidden states, then L2 normalisation (384-d). `load_minilm` is shared with the diffusion
+model's text conditioner (gda.diffusion.conditioning), which uses the unpooled token states.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from functools import cache, cached_property
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -37,33 +37,10 @@ def load_minilm(path: Path, device: str) -> tuple[PreTrainedTokenizerBase, PreTr
     return tokenizer, model.eval().requires_grad_(False).to(device)
 
 
-@cache
-def _packaged(device: str) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
-    # token_states is called per prompt batch during diffusion training; load the model once.
-    return load_minilm(minilm_path(), device)
-
-
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Average of the token states where `mask` is 1 (padding excluded)."""
     weights = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
-
-
-@torch.inference_mode()
-def token_states(
-    prompts: Sequence[str], max_length: int, device: str = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Last-layer MiniLM token states for `prompts`, padded/truncated to exactly `max_length`.
-
-    Returns (hidden float32 (n, max_length, 384), attention_mask int64 (n, max_length)); padding
-    positions have mask 0. Fixed-length padding keeps the shape independent of the batch.
-    """
-    tokenizer, model = _packaged(device)
-    batch = tokenizer(
-        list(prompts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
-    ).to(device)
-    hidden = model(**batch).last_hidden_state.float()
-    return hidden, batch["attention_mask"]
 
 
 class MiniLMEncoder:

@@ -116,18 +116,6 @@ def test_minilm_embeddings(minilm) -> None:
     assert cat @ kitten > cat @ truck
 
 
-def test_minilm_token_states_match_sentence_embedding(minilm) -> None:
-    from gda.encoders.minilm import mean_pool, token_states
-
-    hidden, mask = token_states(PROMPTS[:3], max_length=16)
-    assert hidden.shape == (3, 16, 384) and mask.shape == (3, 16)
-    assert hidden.dtype == torch.float32
-    assert (mask.sum(dim=1) < 16).all()
-    # Padding to a fixed length must not change what the real tokens see.
-    pooled = torch.nn.functional.normalize(mean_pool(hidden, mask), dim=-1).numpy()
-    np.testing.assert_allclose(pooled, minilm.encode(PROMPTS[:3]), atol=1e-5)
-
-
 def test_unknown_backend_is_a_clear_error() -> None:
     with pytest.raises(EncoderError, match="unknown image backend"):
         load_image_encoder(EncoderSpec(image_backend="resnet"))
