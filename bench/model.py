@@ -18,6 +18,7 @@ from gda.diffusion import ScratchModelConfig, build_from_scratch, evaluate_loss,
 from gda.diffusion.card import read_card, weights_dir
 from gda.home import Home
 from gda.profiles import profile_values, resolve_profile
+from resources.diffusion import SamplingSettings
 
 BATCH = 64
 TRAIN_STEPS = 30
@@ -87,9 +88,9 @@ def run(home_dir: Path, profile: str | None) -> dict[str, Any]:
             bundle.unet(x0[start : start + BATCH], timesteps, encoder_hidden_states=states[start : start + BATCH])
         forward_rate = LOSS_ITEMS / (time.perf_counter() - started)
 
-    sampling = values["diffusion"].get("sampling", {})
+    sampling = SamplingSettings(**values["diffusion"].get("sampling", {}))
     started = time.perf_counter()
-    sample(bundle, ["a red icon"] * SAMPLE_IMAGES, list(range(SAMPLE_IMAGES)), sampling.get("steps", 50), sampling.get("guidance_scale", 3.0))
+    sample(bundle, ["a red icon"] * SAMPLE_IMAGES, list(range(SAMPLE_IMAGES)), **sampling.model_dump())
     ddim_seconds = (time.perf_counter() - started) / SAMPLE_IMAGES
 
     result: dict[str, Any] = {
@@ -106,7 +107,7 @@ def run(home_dir: Path, profile: str | None) -> dict[str, Any]:
         "unet_forward_items_per_s": forward_rate,
         "loss_eval_over_forward": loss_rate / forward_rate,
         "ddim_seconds_per_image": ddim_seconds,
-        "ddim_steps": sampling.get("steps", 50),
+        "ddim_steps": sampling.steps,
         "prompt_following": _colour_accuracy(home),
     }
     result["table"] = [

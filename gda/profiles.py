@@ -35,10 +35,15 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "demo_corpus_source": {"n_images": 3000, "n_shards": 6, "resolution": 16, "seed": 0, "n_heldout_prompts": 600},
         "encoders": {"image_size": 128, "batch_size": 64},
         "compute": {"device": "cpu", "threads": 2},
+        # The recipe that made generated icons follow their prompts' colours (fg 0.96, bg 0.87 on 300
+        # held-out prompts; see the model card): v-prediction with zero terminal SNR makes the model read
+        # the background, which is decided at the highest noise, from the prompt; guidance rescale keeps
+        # guided samples from washing it out; 10 DDIM steps beat 25 and 50.
         "diffusion": {
             "shipped_checkpoint": str(DEMO_CHECKPOINT),
-            "training": {"steps": 2000, "batch_size": 64, "lr": 1e-3},
-            "sampling": {"steps": 50, "guidance_scale": 3.0},
+            "model": {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"},
+            "training": {"steps": 1200, "batch_size": 64, "lr": 1e-3},
+            "sampling": {"steps": 10, "guidance_scale": 2.0, "guidance_rescale": 0.7},
         },
         "query_plan": {"n_train": 240, "n_val": 40, "n_test": 40, "batch_size": 40},
     },

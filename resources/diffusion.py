@@ -15,6 +15,8 @@ class ScratchModelSettings(dg.Config):
     prediction_type: str = "epsilon"
     beta_schedule: str = "linear"
     text_max_length: int = 32
+    rescale_betas_zero_snr: bool = False  # zero terminal SNR (needs v_prediction)
+    timestep_spacing: str = "leading"  # "trailing" with zero terminal SNR
     seed: int = 0
 
 
@@ -30,6 +32,7 @@ class TrainSettings(dg.Config):
 class SamplingSettings(dg.Config):
     steps: int = 50
     guidance_scale: float = 3.0
+    guidance_rescale: float = 0.0  # blend toward the conditional output's std (keeps v-pred backgrounds)
 
 
 class DiffusionSource(dg.ConfigurableResource):

@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS generated_queries (
     seed BIGINT NOT NULL,
     steps INTEGER NOT NULL,        -- DDIM steps
     guidance_scale DOUBLE NOT NULL,
+    guidance_rescale DOUBLE NOT NULL,
     model_version VARCHAR NOT NULL, -- the diffusion_model version that generated it
     image_path VARCHAR NOT NULL,   -- PNG under the artifact root
     image_sha256 VARCHAR NOT NULL,

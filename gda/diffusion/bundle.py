@@ -74,9 +74,13 @@ class ScratchModelConfig:
         if self.beta_schedule not in ("linear", "squaredcos_cap_v2"):
             raise ValueError(f"beta_schedule must be 'linear' or 'squaredcos_cap_v2', got {self.beta_schedule!r}")
         if self.timestep_spacing not in ("leading", "trailing", "linspace"):
-            raise ValueError(f"timestep_spacing must be 'leading', 'trailing' or 'linspace', got {self.timestep_spacing!r}")
+            raise ValueError(
+                f"timestep_spacing must be 'leading', 'trailing' or 'linspace', got {self.timestep_spacing!r}"
+            )
         if self.rescale_betas_zero_snr and self.prediction_type != "v_prediction":
-            raise ValueError("rescale_betas_zero_snr needs prediction_type 'v_prediction' (epsilon is undefined at zero SNR)")
+            raise ValueError(
+                "rescale_betas_zero_snr needs prediction_type 'v_prediction' (epsilon is undefined at zero SNR)"
+            )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ScratchModelConfig:
