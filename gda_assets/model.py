@@ -50,7 +50,7 @@ def _train_scratch(source: DiffusionSource, corpus: CorpusSource, rows: pl.DataF
     log.info(f"training from scratch on {len(images)} images for {source.training.steps} steps")
     bundle = build_from_scratch(config)
     training = source.training.model_dump()
-    result = train(bundle, images, rows["captions"].to_list(), **training)
+    result = train(bundle, images, rows["captions"].to_list(), progress=True, **training)
     save(bundle, folder / "weights")
     return ModelCard(
         kind="scratch",
@@ -111,7 +111,7 @@ def diffusion_model(
 
     bundle = bundle.to(compute.device)
     preview = rows["captions"].list.first().gather_every(max(1, rows.height // PREVIEW_PROMPTS)).head(PREVIEW_PROMPTS).to_list()
-    result = sample(bundle, preview, list(range(len(preview))), diffusion.sampling.steps, diffusion.sampling.guidance_scale)
+    result = sample(bundle, preview, list(range(len(preview))), **diffusion.sampling.model_dump())
     grid = plots.image_grid_png(result.images.permute(0, 2, 3, 1).cpu().numpy(), preview, title="samples for training captions")
     metadata: dict[str, object] = {
         "kind": card.kind,
@@ -192,13 +192,14 @@ def generated_queries(
     import torch
 
     from gda.diffusion import sample, to_pil
+    from gda.diffusion.quality import score_colours
     from gda.queries import GeneratedBatch, colours_of, png_bytes, save_generated
 
     batch = context.partition_key
     prompts = warehouse.named("batch_prompts", [batch])
     bundle, card = _load_bundle(artifacts, compute.device)
-    steps, guidance = diffusion.sampling.steps, diffusion.sampling.guidance_scale
-    result = sample(bundle, prompts["prompt"].to_list(), prompts["seed"].to_list(), steps, guidance)
+    sampling = diffusion.sampling
+    result = sample(bundle, prompts["prompt"].to_list(), prompts["seed"].to_list(), **sampling.model_dump())
     images = to_pil(result.images)
     folder = artifacts.path("generated_queries") / batch
     folder.mkdir(parents=True, exist_ok=True)
@@ -215,19 +216,18 @@ def generated_queries(
         "generated_queries",
         pl.DataFrame(rows).with_columns(
             pl.lit(batch).alias("batch"),
-            pl.lit(steps).alias("steps"),
-            pl.lit(guidance).alias("guidance_scale"),
+            pl.lit(sampling.steps).alias("steps"),
+            pl.lit(sampling.guidance_scale).alias("guidance_scale"),
+            pl.lit(sampling.guidance_rescale).alias("guidance_rescale"),
             pl.lit(card.version).alias("model_version"),
         ).hstack(pl.DataFrame(colours, schema={k: pl.String for k in ("fg_expected", "bg_expected", "fg_detected", "bg_detected")})),
     )
     metadata: dict[str, object] = {"dagster/row_count": frame.height, "model_version": card.version}
     scored = frame.filter(pl.col("fg_expected").is_not_null())
     if scored.height:
-        metadata |= {
-            "fg_accuracy": float((scored["fg_detected"] == scored["fg_expected"]).mean()),
-            "bg_accuracy": float((scored["bg_detected"] == scored["bg_expected"]).mean()),
-            "colour_scored": scored.height,
-        }
+        detected = list(zip(scored["fg_detected"], scored["bg_detected"]))
+        accuracy = score_colours(detected, scored["fg_expected"].to_list(), scored["bg_expected"].to_list())
+        metadata |= {"fg_accuracy": accuracy.fg, "bg_accuracy": accuracy.bg, "both_accuracy": accuracy.both, "colour_scored": accuracy.n}
     labels = [f"{q}: {p}" for q, p in zip(prompts["query_id"].to_list(), prompts["prompt"].to_list())]
     gallery = plots.image_grid_png([image for image in result.images.permute(0, 2, 3, 1).cpu().numpy()[:32]], labels[:32])
     metadata["gallery"] = _png_markdown(gallery, f"generated queries {batch}")

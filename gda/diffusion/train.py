@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from gda.diffusion.bundle import DiffusionBundle
 from gda.diffusion.loss import draw_losses, encode_images, make_draws
@@ -50,6 +51,7 @@ def train(
     cfg_dropout: float = 0.1,
     hflip: bool = True,
     log_every: int = 50,
+    progress: bool = False,
     snr_gamma: float | None = None,
     weight_decay: float = 0.01,
     max_grad_norm: float | None = 1.0,
@@ -79,7 +81,8 @@ def train(
     curve: list[float] = []
     running = 0.0
     unet.train()
-    for step in range(steps):
+    # A progress bar on stderr lands in the run's compute log, where a user watches a long training run.
+    for step in tqdm(range(steps), desc="train", unit="step", disable=not progress, mininterval=10):
         if cursor + batch_size > n:
             order, cursor = torch.randperm(n, generator=generator), 0
         idx = order[cursor : cursor + batch_size]
