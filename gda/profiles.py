@@ -30,6 +30,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "sampling": {"steps": 10, "guidance_scale": 3.0},
         },
         "query_plan": {"n_train": 16, "n_val": 4, "n_test": 8, "batch_size": 8},
+        "teacher": {"k_candidates": 60, "n_negatives": 20},
     },
     "demo": {
         "demo_corpus_source": {"n_images": 3000, "n_shards": 6, "resolution": 16, "seed": 0, "n_heldout_prompts": 600},
@@ -46,6 +47,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "sampling": {"steps": 10, "guidance_scale": 2.0, "guidance_rescale": 0.7},
         },
         "query_plan": {"n_train": 240, "n_val": 40, "n_test": 40, "batch_size": 40},
+        "teacher": {"k_candidates": 300, "n_negatives": 100},
     },
 }
 

@@ -77,6 +77,22 @@ def conform(table: str, frame: pl.DataFrame) -> pl.DataFrame:
     return frame.select([pl.col(name).cast(dtype) for name, dtype in schema.items()])
 
 
+class SchemaMismatch(RuntimeError):
+    """A stored table's columns differ from sql/schema.sql (made by an older gda)."""
+
+
 def create_tables(con: duckdb.DuckDBPyConnection) -> None:
-    """Create every declared table (if missing) in ``con``."""
+    """Create every declared table (if missing) in ``con``; refuse a stored table whose columns differ."""
     con.execute(schema_sql())
+    for table in table_names():
+        stored = con.execute(
+            "SELECT column_name, data_type FROM duckdb_columns() WHERE schema_name = ? AND table_name = ? "
+            "ORDER BY column_index",
+            [SCHEMA, table],
+        ).fetchall()
+        declared = [(c.name, c.type) for c in columns(table)]
+        if stored != declared:
+            raise SchemaMismatch(
+                f"table {table} was created by an older gda (columns {[c for c, _ in stored]}, now "
+                f"{[c for c, _ in declared]}); drop it (DROP TABLE {table}) and re-materialize its asset"
+            )

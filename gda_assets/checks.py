@@ -49,6 +49,26 @@ INVARIANTS: dict[str, list[Invariant]] = {
             "SELECT count(*) FROM {table} WHERE split NOT IN ('train', 'val', 'test')",
         ),
     ],
+    "dino_candidates": [
+        (
+            "every_query_has_candidates",
+            "Every query of the batch has its nearest training images.",
+            "SELECT (SELECT count(*) FROM {schema}.query_prompts {where}) - count(DISTINCT query_id) FROM {table} "
+            "{where} AND kind = 'candidate'",
+        ),
+        (
+            "ranks_are_a_permutation",
+            "Per query, candidate ranks are exactly 0..K-1.",
+            "SELECT count(*) FROM (SELECT count(*) AS n, min(rank) AS lo, max(rank) AS hi, count(DISTINCT rank) AS d "
+            "FROM {table} {where} AND kind = 'candidate' GROUP BY query_id) WHERE lo <> 0 OR hi <> n - 1 OR d <> n",
+        ),
+        (
+            "negatives_are_not_candidates",
+            "No negative of a query is also one of its candidates.",
+            "SELECT count(*) FROM (SELECT * FROM {table} {where}) a JOIN {table} b USING (query_id, train_id) "
+            "WHERE a.kind = 'negative' AND b.kind = 'candidate'",
+        ),
+    ],
     "generated_queries": [
         (
             "every_prompt_generated",

@@ -15,6 +15,7 @@ from gda_assets.corpus import build_training_images, demo_corpus, shard_sensor
 from gda_assets.features import image_features, text_features
 from gda_assets.jobs import demo_corpus_job, ingest_job, model_job, query_batch_job, shard_job
 from gda_assets.model import build_query_prompts, diffusion_model, generated_queries, query_features
+from gda_assets.teacher import dino_candidates
 from resources import (
     ArrayIOManager,
     Artifacts,
@@ -24,6 +25,7 @@ from resources import (
     DiffusionSource,
     Encoders,
     QueryPlan,
+    TeacherSettings,
     Warehouse,
 )
 
@@ -39,6 +41,7 @@ def build_resources(home: Home, profile: str, shards: Path | None) -> dict[str, 
         ),
         "diffusion": DiffusionSource(**values["diffusion"]),
         "query_plan": QueryPlan(**values["query_plan"]),
+        "teacher": TeacherSettings(**values["teacher"]),
         "artifacts": Artifacts(root=str(home.artifacts)),
         "warehouse": Warehouse(database=str(home.duckdb_path)),
         "warehouse_io": DuckDBPolarsIOManager(database=str(home.duckdb_path), schema=tables.SCHEMA),
@@ -65,6 +68,7 @@ def build_defs(
         build_query_prompts(embedded),
         generated_queries,
         query_features,
+        dino_candidates,
     ]
     jobs: list[Any] = [shard_job, ingest_job, model_job, query_batch_job]
     if embedded:

@@ -28,6 +28,8 @@ model_job = dg.define_asset_job(
 
 query_batch_job = dg.define_asset_job(
     "query_batch_job",
-    selection=dg.AssetSelection.assets("generated_queries", "query_image_features", "query_text_features"),
-    description="Generate one batch of queries and compute their features.",
+    selection=dg.AssetSelection.assets(
+        "generated_queries", "query_image_features", "query_text_features", "dino_candidates"
+    ),
+    description="Generate one batch of queries, compute their features and find their DINO candidates.",
 )

@@ -196,6 +196,7 @@ def generated_queries(
     from gda.queries import GeneratedBatch, colours_of, png_bytes, save_generated
 
     batch = context.partition_key
+    warehouse.ensure_tables()
     prompts = warehouse.named("batch_prompts", [batch])
     bundle, card = _load_bundle(artifacts, compute.device)
     sampling = diffusion.sampling

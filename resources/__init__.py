@@ -6,6 +6,7 @@ from resources.compute import Compute
 from resources.corpus import CorpusSource, DemoCorpusSource
 from resources.diffusion import DiffusionSource, QueryPlan
 from resources.encoders import Encoders
+from resources.teacher import TeacherSettings
 from resources.warehouse import Warehouse
 
 __all__ = [
@@ -17,5 +18,6 @@ __all__ = [
     "DiffusionSource",
     "Encoders",
     "QueryPlan",
+    "TeacherSettings",
     "Warehouse",
 ]

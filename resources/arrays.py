@@ -23,9 +23,12 @@ class ArrayIOManager(dg.ConfigurableIOManager):
         )
 
     def load_input(self, context: dg.InputContext) -> arrays.IdArray | dict[str, arrays.IdArray]:
+        """The same partition of the upstream asset as one array; several (or another partitioning's)
+        as a dict by partition key, even when there happens to be a single one."""
         key = context.asset_key
-        if context.has_asset_partitions and len(context.asset_partition_keys) == 1:
-            return arrays.load(self._path(key, context.asset_partition_keys[0]))
-        if context.has_asset_partitions:
-            return {p: arrays.load(self._path(key, p)) for p in context.asset_partition_keys}
-        return arrays.load(self._path(key, None))
+        if not context.has_asset_partitions:
+            return arrays.load(self._path(key, None))
+        upstream = context.asset_partition_keys
+        if context.has_partition_key and upstream == [context.partition_key]:
+            return arrays.load(self._path(key, upstream[0]))
+        return {p: arrays.load(self._path(key, p)) for p in upstream}

@@ -55,3 +55,14 @@ CREATE TABLE IF NOT EXISTS generated_queries (
     fg_detected VARCHAR,           -- ... and the colours the palette detector sees
     bg_detected VARCHAR
 );
+
+-- Per query: the K nearest training images by image-feature cosine (the teacher scores only these), and a
+-- random sample of other training images kept as negatives for the student. Partitioned by query batch.
+CREATE TABLE IF NOT EXISTS dino_candidates (
+    query_id BIGINT NOT NULL,
+    batch VARCHAR NOT NULL,        -- partition key
+    train_id BIGINT NOT NULL,
+    rank INTEGER NOT NULL,         -- 0 = nearest; -1 for negatives
+    similarity DOUBLE,             -- cosine; null for negatives
+    kind VARCHAR NOT NULL          -- candidate | negative
+);

@@ -119,6 +119,16 @@ def test_queries_are_split_batched_generated_and_encoded(demo_home: Home) -> Non
         assert image.values.shape == (n, 1280) and text.values.shape == (n, 384)
 
 
+def test_every_query_has_its_dino_candidates_and_negatives(demo_home: Home) -> None:
+    per_query = _query(
+        demo_home,
+        "SELECT kind, count(*) FILTER (WHERE train_id IN (SELECT id FROM training_images)), count(*) "
+        "FROM dino_candidates GROUP BY kind ORDER BY kind",
+    )
+    k, negatives = profile_values("tiny")["teacher"]["k_candidates"], profile_values("tiny")["teacher"]["n_negatives"]
+    assert per_query == [("candidate", 28 * k, 28 * k), ("negative", 28 * negatives, 28 * negatives)]
+
+
 def test_regenerating_a_batch_reproduces_its_images(demo_home: Home) -> None:
     sql = "SELECT query_id, image_sha256 FROM generated_queries WHERE batch = 'test-000' ORDER BY query_id"
     before = _query(demo_home, sql)

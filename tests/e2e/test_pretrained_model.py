@@ -32,7 +32,7 @@ def test_stable_diffusion_folder_is_registered_and_generates_latent_queries(tmp_
     }
     defs = build_defs(home=home, profile="tiny", shards=shards, overrides=overrides)
     instance = open_instance(home)
-    assert run_shards(instance, defs, "ingest_job", ["00000"])[0].succeeded
+    assert run_shards(instance, defs, "shard_job", ["00000"])[0].succeeded
     assert defs.resolve_job_def("model_job").execute_in_process(instance=instance).success
 
     card = read_card(home.artifacts / "diffusion_model")
