@@ -15,7 +15,7 @@ from gda_assets.corpus import build_training_images, demo_corpus, shard_sensor
 from gda_assets.features import image_features, text_features
 from gda_assets.jobs import demo_corpus_job, ingest_job, model_job, query_batch_job, shard_job
 from gda_assets.model import build_query_prompts, diffusion_model, generated_queries, query_features
-from gda_assets.teacher import dino_candidates
+from gda_assets.teacher import dino_candidates, ekfac_factors
 from resources import (
     ArrayIOManager,
     Artifacts,
@@ -69,6 +69,7 @@ def build_defs(
         generated_queries,
         query_features,
         dino_candidates,
+        ekfac_factors,
     ]
     jobs: list[Any] = [shard_job, ingest_job, model_job, query_batch_job]
     if embedded:

@@ -22,8 +22,8 @@ demo_corpus_job = dg.define_asset_job(
 
 model_job = dg.define_asset_job(
     "model_job",
-    selection=dg.AssetSelection.assets("diffusion_model", "query_prompts"),
-    description="Train (or register) the diffusion model and plan the query prompts.",
+    selection=dg.AssetSelection.assets("diffusion_model", "query_prompts", "ekfac_factors"),
+    description="Train (or register) the diffusion model, plan the query prompts, fit the EK-FAC factors.",
 )
 
 query_batch_job = dg.define_asset_job(

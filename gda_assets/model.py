@@ -25,7 +25,7 @@ def _png_markdown(png: bytes, alt: str) -> dg.MetadataValue:
     return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})")
 
 
-def _load_bundle(artifacts: Artifacts, device: str):
+def load_bundle(artifacts: Artifacts, device: str):
     from gda.diffusion import load, load_pretrained
 
     folder = artifacts.path("diffusion_model")
@@ -35,18 +35,11 @@ def _load_bundle(artifacts: Artifacts, device: str):
 
 
 def _train_scratch(source: DiffusionSource, corpus: CorpusSource, rows: pl.DataFrame, folder: Path, log) -> ModelCard:
-    import torch
-
     from gda.diffusion import ScratchModelConfig, build_from_scratch, save, train
-    from gda.diffusion.data import load_shard_images
+    from gda.diffusion.data import load_corpus_images
 
     config = ScratchModelConfig(**source.model.model_dump())
-    images = torch.cat(
-        [
-            load_shard_images(corpus.shard_path(shard), group["key"].to_list(), config.sample_size)
-            for (shard,), group in rows.group_by("shard", maintain_order=True)
-        ]
-    )
+    images = load_corpus_images(rows, corpus.shard_path, config.sample_size)
     log.info(f"training from scratch on {len(images)} images for {source.training.steps} steps")
     bundle = build_from_scratch(config)
     training = source.training.model_dump()
@@ -198,7 +191,7 @@ def generated_queries(
     batch = context.partition_key
     warehouse.ensure_tables()
     prompts = warehouse.named("batch_prompts", [batch])
-    bundle, card = _load_bundle(artifacts, compute.device)
+    bundle, card = load_bundle(artifacts, compute.device)
     sampling = diffusion.sampling
     result = sample(bundle, prompts["prompt"].to_list(), prompts["seed"].to_list(), **sampling.model_dump())
     images = to_pil(result.images)

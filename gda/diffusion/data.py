@@ -26,3 +26,12 @@ def to_model_tensor(images: Sequence[Image.Image], size: int) -> torch.Tensor:
 
 def load_shard_images(shard_path: Path, keys: Sequence[str], size: int) -> torch.Tensor:
     return to_model_tensor(load_images(shard_path, keys), size)
+
+
+def load_corpus_images(rows, shard_path, size: int) -> torch.Tensor:
+    """Every image of ``rows`` (a frame with ``shard`` and ``key``, in the order given), read shard by
+    shard; ``shard_path`` maps a shard key to its tar."""
+    parts = []
+    for (shard,), group in rows.group_by("shard", maintain_order=True):
+        parts.append(load_shard_images(shard_path(shard), group["key"].to_list(), size))
+    return torch.cat(parts)

@@ -34,6 +34,7 @@ def test_definitions_validate(tmp_path: Path) -> None:
         "query_image_features": "model",
         "query_text_features": "model",
         "dino_candidates": "teacher",
+        "ekfac_factors": "teacher",
     }
 
 

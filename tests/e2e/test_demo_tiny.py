@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -10,10 +11,13 @@ import dagster as dg
 import duckdb
 import numpy as np
 import pytest
+import torch
 
 from gda import arrays
 from gda.cli import main
-from gda.diffusion.card import corpus_fingerprint, read_card, weights_version
+from gda.diffusion import load
+from gda.diffusion.card import corpus_fingerprint, read_card, weights_dir, weights_version
+from gda.ekfac import load_factors, select_modules
 from gda.home import Home
 from gda.profiles import profile_values
 from gda.queries import load_generated, query_seed
@@ -127,6 +131,18 @@ def test_every_query_has_its_dino_candidates_and_negatives(demo_home: Home) -> N
     )
     k, negatives = profile_values("tiny")["teacher"]["k_candidates"], profile_values("tiny")["teacher"]["n_negatives"]
     assert per_query == [("candidate", 28 * k, 28 * k), ("negative", 28 * negatives, 28 * negatives)]
+
+
+def test_ekfac_factors_load_for_the_kv_modules(demo_home: Home) -> None:
+    folder = demo_home.artifacts / "ekfac_factors"
+    factors = load_factors(folder)
+    card = read_card(demo_home.artifacts / "diffusion_model")
+    bundle = load(weights_dir(demo_home.artifacts / "diffusion_model", card))
+    assert list(factors.modules) == list(select_modules(bundle.unet, "kv"))
+    arguments = json.loads((folder / "factor_arguments.json").read_text())
+    assert arguments["model_version"] == card.version
+    for module in factors.modules.values():
+        assert torch.isfinite(module.corrected_eigenvalues()).all() and (module.corrected_eigenvalues() >= 0).all()
 
 
 def test_regenerating_a_batch_reproduces_its_images(demo_home: Home) -> None:

@@ -1,0 +1,458 @@
+"""AbU+ (attribution by unlearning with an EK-FAC step) for one query ẑ = (its generated sample, its prompt).
+
+Plain PyTorch, no Dagster. The steps (docs: /work/shared/design/method.md, Teacher items 1-7):
+
+1. `query_gradient`: ḡ = mean over `n_draws` (uniform t, ε) draws of ∇θ L(ẑ, θ0) on the selected modules,
+   every draw from (seed, query id, draw index) through `make_draws`, `batch_size` draws per backward.
+2. `unlearning_step`: Δ = η F⁻¹ ḡ (EK-FAC `precondition`) with η chosen so that ‖Δ‖ / ‖θ0‖ over all the
+   selected modules' parameters together equals `relative_step`. It is gradient *ascent* on the query
+   loss: θ′ = θ0 + Δ.
+3. Finite mode: `finite_scores` gives τ(ẑ, z) = L(z, θ′) − L(z, θ0) on fixed scoring draws (timesteps
+   0, 50, ..., 950 by default, one noise each, from (seed, item id, draw index)), max over the image and its
+   horizontal flip. L(z, θ0) is query-independent: `baseline_losses` computes it once, (n, 2) = (as is,
+   flipped), for every query to reuse. θ′ is applied by `applied_step`, which restores θ0 from saved copies
+   (bit-identical), never by subtracting.
+4. First-order mode: τ ≈ ⟨∇L(z), Δ⟩. For modules whose input does not depend on the draw (the cross-attention
+   K/V projections, whose input is the caption's token states A_z), ∇W L(z) = G_zᵀ A_z with G_z = the output
+   gradients summed over the item's draws. `training_side` records G_z for every item and flip in one
+   batched forward + backward per batch (query-independent, computed once); `first_order_scores_fast` then
+   scores many queries at once as Σ_modules Σ_tokens G_z · (Δ A_z) without materialising per-item gradients.
+   Module sets whose input depends on the draw (self-attention, convolutions, ...) are refused with a
+   ValueError naming them; use `gda.ekfac.first_order_scores` (per-item gradients) for those.
+5. `rank_scores`: rank 0 = most influential (highest τ), ties broken by ascending train id.
+
+Flips: the image as given (RGB in [-1, 1], or model-space latents) is flipped along its last (width) axis
+*before* any VAE encoding, and both orientations of an item use the same draws (same item id): a paired
+comparison. `flip=False` scores the image as is only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from gda import ekfac
+from gda.diffusion.bundle import DiffusionBundle
+from gda.diffusion.loss import _model_space, draw_losses, make_draws, scoring_timesteps
+
+DEFAULT_RELATIVE_STEP = 1e-3
+
+
+def _ids(item_ids: Sequence[int] | torch.Tensor) -> list[int]:
+    return [int(i) for i in (item_ids.tolist() if isinstance(item_ids, torch.Tensor) else item_ids)]
+
+
+def _params(modules: Mapping[str, nn.Module]) -> list[torch.Tensor]:
+    return [p for m in modules.values() for p in m.parameters(recurse=False)]
+
+
+def _num_train_timesteps(bundle: DiffusionBundle) -> int:
+    return int(bundle.scheduler.config.num_train_timesteps)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. The query gradient
+# ---------------------------------------------------------------------------------------------------------
+
+
+def query_gradient(
+    bundle: DiffusionBundle,
+    modules: Mapping[str, nn.Module],
+    sample: torch.Tensor,
+    prompt_states: torch.Tensor,
+    query_id: int,
+    n_draws: int,
+    seed: int,
+    batch_size: int = 64,
+) -> dict[str, torch.Tensor]:
+    """ḡ = mean over draws 0..n_draws-1 of ∇θ L(ẑ, θ0), per module in the joint layout, float64.
+
+    `sample` is the query's exact generated sample, (C, H, W) or (1, C, H, W): RGB in [-1, 1] (VAE-encoded when
+    the bundle has a VAE) or model-space latents. `prompt_states` (L, D) or (1, L, D). t is uniform on the
+    scheduler's training timesteps. Draw i comes from (seed, query_id, i): the result does not depend on
+    `batch_size` beyond float summation order.
+    """
+    if n_draws < 1 or batch_size < 1:
+        raise ValueError(f"n_draws and batch_size must be >= 1, got {n_draws} and {batch_size}")
+    x0 = _model_space(bundle, sample.unsqueeze(0) if sample.dim() == 3 else sample)
+    states = prompt_states.unsqueeze(0) if prompt_states.dim() == 2 else prompt_states
+    if x0.shape[0] != 1 or states.shape[0] != 1:
+        raise ValueError("query_gradient takes one query: one sample and one prompt")
+    names = list(modules)
+    total: dict[str, torch.Tensor] = {}
+    with ekfac._weights_require_grad(modules):
+        for start in range(0, n_draws, batch_size):
+            indices = list(range(start, min(start + batch_size, n_draws)))
+            draws = make_draws([query_id], indices, seed, bundle.sample_shape, None, _num_train_timesteps(bundle))
+            loss = draw_losses(bundle, x0, states, draws).sum()
+            owned = [list(modules[name].parameters(recurse=False)) for name in names]
+            flat = torch.autograd.grad(loss, [p for ps in owned for p in ps], allow_unused=True)
+            position = 0
+            for name, ps in zip(names, owned, strict=True):
+                module, grads = modules[name], flat[position : position + len(ps)]
+                position += len(ps)
+                weight_grad = grads[0] if grads[0] is not None else torch.zeros_like(module.weight)
+                bias_grad = grads[1] if len(grads) > 1 else None
+                matrix = ekfac.gradient_matrix(module, weight_grad, bias_grad).to(torch.float64)
+                total[name] = total[name] + matrix if name in total else matrix
+    return {name: g / n_draws for name, g in total.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. The unlearning step
+# ---------------------------------------------------------------------------------------------------------
+
+
+class UnlearningStep(NamedTuple):
+    """Δ = η F⁻¹ ḡ per module (joint layout, float64) and the scale η used."""
+
+    delta: dict[str, torch.Tensor]
+    eta: float
+
+
+def parameter_norm(modules: Mapping[str, nn.Module]) -> float:
+    """‖θ‖ over every parameter (weights and biases) of the selected modules together, in float64."""
+    return math.sqrt(sum(float(p.detach().double().square().sum()) for p in _params(modules)))
+
+
+def _norm(tensors: Mapping[str, torch.Tensor]) -> float:
+    return math.sqrt(sum(float(t.double().square().sum()) for t in tensors.values()))
+
+
+def unlearning_step(
+    factors: ekfac.EkfacFactors,
+    grad: Mapping[str, torch.Tensor],
+    relative_step: float = DEFAULT_RELATIVE_STEP,
+    modules: Mapping[str, nn.Module] | None = None,
+    damping_factor: float = ekfac.DEFAULT_DAMPING_FACTOR,
+) -> UnlearningStep:
+    """Δ = η F⁻¹ ḡ with η > 0 such that ‖Δ‖ / ‖θ0‖ = relative_step (norms over all selected parameters).
+
+    Gradient ascent on the query loss: apply as θ′ = θ0 + Δ. `modules` gives θ0 (required; keyword kept
+    optional only for argument order). `grad` must cover exactly the modules.
+    """
+    if modules is None:
+        raise ValueError("unlearning_step needs the selected modules to measure ‖θ0‖")
+    if set(grad) != set(modules):
+        raise ValueError(f"gradient modules {sorted(grad)} differ from the selected {sorted(modules)}")
+    if not relative_step > 0:
+        raise ValueError(f"relative_step must be > 0, got {relative_step}")
+    direction = ekfac.precondition(factors, {n: g.to(torch.float64) for n, g in grad.items()}, damping_factor)
+    direction_norm = _norm(direction)
+    if not direction_norm > 0:
+        raise ValueError("F⁻¹ḡ is zero: the query gradient vanishes on the selected modules")
+    eta = relative_step * parameter_norm(modules) / direction_norm
+    return UnlearningStep({name: eta * d for name, d in direction.items()}, eta)
+
+
+def stack_deltas(deltas: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Several queries' Δ as one (q, d_out, d_in [+1]) tensor per module, for `first_order_scores_fast`."""
+    if not deltas:
+        raise ValueError("no deltas to stack")
+    return {name: torch.stack([d[name] for d in deltas]) for name in deltas[0]}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. Finite mode
+# ---------------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def applied_step(modules: Mapping[str, nn.Module], delta: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """θ ← θ0 + Δ inside the block; θ0 is restored from saved copies on exit (bit-identical), even on error."""
+    saved = [(p, p.detach().clone()) for p in _params(modules)]
+    try:
+        ekfac.add_to_parameters(modules, delta)
+        yield
+    finally:
+        with torch.no_grad():
+            for p, copy in saved:
+                p.copy_(copy)
+
+
+def _scoring_setup(bundle: DiffusionBundle, timesteps: Sequence[int] | None) -> tuple[list[int], list[int]]:
+    steps = list(timesteps) if timesteps is not None else scoring_timesteps(20, _num_train_timesteps(bundle))
+    return steps, list(range(len(steps)))
+
+
+def _orientations(images: torch.Tensor, flip: bool) -> list[torch.Tensor]:
+    return [images, torch.flip(images, dims=[-1])] if flip else [images]
+
+
+@torch.no_grad()
+def _scoring_losses(
+    bundle: DiffusionBundle,
+    images: torch.Tensor,
+    prompt_states: torch.Tensor,
+    item_ids: Sequence[int] | torch.Tensor,
+    seed: int,
+    timesteps: Sequence[int] | None,
+    batch_size: int,
+    flip: bool,
+) -> torch.Tensor:
+    """(n, F) losses on the fixed scoring draws, F = 2 with flip (as is, flipped) else 1; float32, CPU."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    ids = _ids(item_ids)
+    if not len(ids) == len(images) == len(prompt_states):
+        raise ValueError("images, prompt_states and item_ids need one entry per item")
+    steps, indices = _scoring_setup(bundle, timesteps)
+    parts = []
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start : start + batch_size]
+        views = _orientations(images[start : start + batch_size], flip)
+        x0 = torch.cat([_model_space(bundle, v) for v in views])
+        states = prompt_states[start : start + batch_size].repeat(len(views), 1, 1)
+        draws = make_draws(chunk * len(views), indices, seed, bundle.sample_shape, steps, _num_train_timesteps(bundle))
+        losses = draw_losses(bundle, x0, states, draws).mean(dim=1).float().cpu()
+        parts.append(losses.view(len(views), len(chunk)).T)
+    return torch.cat(parts) if parts else torch.empty(0, 2 if flip else 1)
+
+
+def baseline_losses(
+    bundle: DiffusionBundle,
+    images: torch.Tensor,
+    prompt_states: torch.Tensor,
+    item_ids: Sequence[int] | torch.Tensor,
+    seed: int,
+    timesteps: Sequence[int] | None = None,
+    batch_size: int = 32,
+    flip: bool = True,
+) -> torch.Tensor:
+    """L(z, θ0) on the fixed scoring draws, (n, 2) = (as is, flipped) (or (n, 1) without flip), float32.
+
+    Query-independent: compute once per training set and pass to `finite_scores` for every query.
+    `timesteps` defaults to `scoring_timesteps()` (0, 50, ..., 950); draw k of item i comes from (seed, i, k).
+    """
+    return _scoring_losses(bundle, images, prompt_states, item_ids, seed, timesteps, batch_size, flip)
+
+
+def finite_scores(
+    bundle: DiffusionBundle,
+    modules: Mapping[str, nn.Module],
+    delta: Mapping[str, torch.Tensor],
+    images: torch.Tensor,
+    prompt_states: torch.Tensor,
+    item_ids: Sequence[int] | torch.Tensor,
+    seed: int,
+    baseline: torch.Tensor,
+    timesteps: Sequence[int] | None = None,
+    batch_size: int = 32,
+    flip: bool = True,
+) -> torch.Tensor:
+    """τ = max over flips of L(z, θ0 + Δ) − L(z, θ0), shape (n,), on the same draws as `baseline`.
+
+    `baseline` must come from `baseline_losses` with the same items, seed, timesteps and flip setting.
+    """
+    expected = (len(_ids(item_ids)), 2 if flip else 1)
+    if tuple(baseline.shape) != expected:
+        raise ValueError(f"baseline has shape {tuple(baseline.shape)}, expected {expected}")
+    with applied_step(modules, delta):
+        moved = _scoring_losses(bundle, images, prompt_states, item_ids, seed, timesteps, batch_size, flip)
+    return (moved - baseline.to(moved)).max(dim=1).values
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. First-order mode
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingSide:
+    """Query-independent first-order data: per module and item, G_z for each flip.
+
+    output_grads[name]: (n, F, L, d_out), the gradient of the item's loss (mean over its scoring draws) with
+    respect to the module output, summed over draws; F = 2 (as is, flipped) or 1. The module input is the
+    item's prompt states (n, L, d_in) for every module in `uses_prompt_states`, stored once; other
+    draw-independent modules keep their own input in `inputs[name]` (n, F, L, d_in). `has_bias[name]`: the
+    joint layout has a trailing bias column.
+    """
+
+    item_ids: list[int]
+    prompt_states: torch.Tensor
+    output_grads: dict[str, torch.Tensor]
+    inputs: dict[str, torch.Tensor]
+    uses_prompt_states: list[str]
+    has_bias: dict[str, bool]
+    flip: bool
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    def module_input(self, name: str) -> torch.Tensor:
+        """(n, F', L, d_in) with F' = 1 for prompt-state inputs (shared by both flips)."""
+        return self.prompt_states.unsqueeze(1) if name in self.uses_prompt_states else self.inputs[name]
+
+
+def training_side(
+    bundle: DiffusionBundle,
+    modules: Mapping[str, nn.Module],
+    images: torch.Tensor,
+    prompt_states: torch.Tensor,
+    item_ids: Sequence[int] | torch.Tensor,
+    seed: int,
+    timesteps: Sequence[int] | None = None,
+    batch_size: int = 32,
+    flip: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> TrainingSide:
+    """G_z for every item and flip, one batched forward + backward per batch, on the fixed scoring draws.
+
+    Raises ValueError naming the modules whose input depends on the draw (anything but cross-attention K/V
+    in a diffusers UNet): the factorisation ∇W L(z) = G_zᵀ A_z does not hold for them.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    ids = _ids(item_ids)
+    if not len(ids) == len(images) == len(prompt_states):
+        raise ValueError("images, prompt_states and item_ids need one entry per item")
+    for name, module in modules.items():
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"first-order fast path needs Linear modules with draw-independent input; {name} is not")
+    steps, indices = _scoring_setup(bundle, timesteps)
+    n_views, n_draws = (2 if flip else 1), len(indices)
+    grads: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+    inputs: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+    prompt_input = {name: True for name in modules}
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start : start + batch_size]
+        b = len(chunk)
+        batch_states = prompt_states[start : start + b]
+        views = _orientations(images[start : start + b], flip)
+        x0 = torch.cat([_model_space(bundle, v) for v in views])
+        states = batch_states.repeat(n_views, 1, 1)
+        draws = make_draws(chunk * n_views, indices, seed, bundle.sample_shape, steps, _num_train_timesteps(bundle))
+
+        def loss_fn(_: object, x0=x0, states=states, draws=draws) -> torch.Tensor:
+            return draw_losses(bundle, x0, states, draws).mean(dim=1)
+
+        n, calls = ekfac._forward_backward(modules, loss_fn, None)
+        batch_grads: dict[str, torch.Tensor] = {}
+        batch_inputs: dict[str, torch.Tensor] = {}
+        varying = []
+        for name, inp, grad in calls:
+            # Rows are item-major: (views x items) x draws; tokens next.
+            a = inp.reshape(n, n_draws, -1, inp.shape[-1])
+            if not torch.equal(a, a[:, :1].expand_as(a)):
+                varying.append(name)
+                continue
+            g = grad.reshape(n, n_draws, -1, grad.shape[-1]).to(dtype).sum(dim=1)
+            if name in batch_grads:  # a module called several times per forward: its input must repeat too
+                if not torch.equal(batch_inputs[name], a[:, 0]):
+                    varying.append(name)
+                batch_grads[name] = batch_grads[name] + g
+            else:
+                batch_grads[name], batch_inputs[name] = g, a[:, 0]
+        if varying:
+            raise ValueError(
+                "the first-order fast path needs module inputs that do not depend on the draw; these vary: "
+                + ", ".join(sorted(set(varying)))
+                + " (use gda.ekfac.first_order_scores with per-item gradients instead)"
+            )
+        for name in modules:
+            if name not in batch_grads:
+                raise RuntimeError(f"{name} was not called by the UNet")
+            # (views x items, L, d) -> (items, views, L, d)
+            g = batch_grads[name].reshape(n_views, b, *batch_grads[name].shape[1:]).transpose(0, 1)
+            a = batch_inputs[name].reshape(n_views, b, *batch_inputs[name].shape[1:]).transpose(0, 1)
+            grads[name].append(g.cpu())
+            ref = batch_states.to(a.device, a.dtype).unsqueeze(1).expand_as(a)
+            if prompt_input[name] and torch.equal(a, ref):
+                inputs[name].append(a[:, :1].to(dtype).cpu())  # kept only in case a later batch differs
+            else:
+                prompt_input[name] = False
+                inputs[name].append(a.to(dtype).cpu())
+    uses_prompt = [name for name in modules if prompt_input[name]]
+    kept_inputs = {}
+    for name in modules:
+        if name not in uses_prompt:
+            kept_inputs[name] = torch.cat([x.expand(-1, n_views, -1, -1) for x in inputs[name]])
+    return TrainingSide(
+        item_ids=ids,
+        prompt_states=prompt_states.to("cpu", dtype),
+        output_grads={name: torch.cat(parts) for name, parts in grads.items()},
+        inputs=kept_inputs,
+        uses_prompt_states=uses_prompt,
+        has_bias={name: module.bias is not None for name, module in modules.items()},
+        flip=flip,
+    )
+
+
+def first_order_scores_fast(
+    side: TrainingSide, delta: Mapping[str, torch.Tensor], chunk_elements: int = 2**25
+) -> torch.Tensor:
+    """τ ≈ max over flips of Σ_modules ⟨G_zᵀ A_z, Δ⟩ = Σ_tokens G_z · (Δ A_z), without per-item gradients.
+
+    `delta` per module: (d_out, d_in [+1]) for one query -> scores (n,), or (q, d_out, d_in [+1]) -> (q, n).
+    Computed in the training side's dtype; items are processed in chunks of about `chunk_elements` floats.
+    """
+    missing = set(side.output_grads) - set(delta)
+    if missing or set(delta) - set(side.output_grads):
+        raise ValueError(f"delta modules {sorted(delta)} differ from the training side's {sorted(side.output_grads)}")
+    single = next(iter(delta.values())).dim() == 2
+    n, n_views = len(side), (2 if side.flip else 1)
+    q = 1 if single else next(iter(delta.values())).shape[0]
+    total = torch.zeros(q, n, n_views, dtype=torch.float64)
+    for name, g_all in side.output_grads.items():
+        d = delta[name].to(g_all.dtype)
+        d = d.unsqueeze(0) if single else d
+        weight, bias = (d[..., :-1], d[..., -1]) if side.has_bias[name] else (d, None)
+        a_all = side.module_input(name)
+        per_item = max(1, q * g_all[0].numel())
+        step = max(1, chunk_elements // per_item)
+        for s in range(0, n, step):
+            g = g_all[s : s + step]  # (c, F, L, o)
+            a = a_all[s : s + step]  # (c, F' , L, i)
+            projected = torch.einsum("cfli,qoi->qcflo", a, weight)  # Δ A_z per token
+            part = (projected * g.unsqueeze(0)).sum(dim=(-1, -2))  # (q, c, F)
+            if bias is not None:
+                part = part + torch.einsum("cflo,qo->qcf", g, bias)
+            total[:, s : s + step] += part.to(torch.float64)
+    scores = total.max(dim=2).values
+    return scores[0] if single else scores
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. Ranking
+# ---------------------------------------------------------------------------------------------------------
+
+
+def rank_scores(scores: torch.Tensor, item_ids: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+    """Rank of every item, 0 = most influential (highest τ); ties by ascending train id (default: position).
+
+    `scores` (n,) -> ranks (n,) int64, or (q, n) -> (q, n) ranked per query.
+    """
+    values = scores.detach().to("cpu", torch.float64).numpy()
+    ids = np.arange(values.shape[-1]) if item_ids is None else np.asarray(_ids(item_ids))
+    if ids.shape[0] != values.shape[-1]:
+        raise ValueError(f"{ids.shape[0]} item ids for {values.shape[-1]} scores")
+    rows = values.reshape(-1, values.shape[-1])
+    ranks = np.empty(rows.shape, dtype=np.int64)
+    for r, row in enumerate(rows):
+        order = np.lexsort((ids, -row))  # last key is primary: highest score first, then lowest id
+        ranks[r, order] = np.arange(row.shape[0])
+    return torch.from_numpy(ranks.reshape(values.shape))
+
+
+__all__ = [
+    "DEFAULT_RELATIVE_STEP",
+    "TrainingSide",
+    "UnlearningStep",
+    "applied_step",
+    "baseline_losses",
+    "finite_scores",
+    "first_order_scores_fast",
+    "parameter_norm",
+    "query_gradient",
+    "rank_scores",
+    "stack_deltas",
+    "training_side",
+    "unlearning_step",
+]
