@@ -38,9 +38,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     report = demo(home, profile=args.profile, shards_dir=shards, retrain=args.retrain)
     status = _print_reports(report.shards)
     failed = [batch for batch, ok in report.query_batches.items() if not ok]
+    unscored = [batch for batch, ok in report.scored_batches.items() if not ok]
     print(f"query batches: {len(report.query_batches) - len(failed)} of {len(report.query_batches)} generated")
-    if failed:
-        print(f"query batch run(s) failed: {', '.join(failed)}", file=sys.stderr)
+    print(f"teacher: {len(report.scored_batches) - len(unscored)} of {len(report.query_batches)} batches scored")
+    if failed or unscored:
+        print(f"batch run(s) failed: {', '.join(failed + unscored)}", file=sys.stderr)
         status = 1
     print(f"home: {home.root}  (open the UI with: gda ui --home {home.root})")
     return status

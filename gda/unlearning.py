@@ -28,14 +28,18 @@ comparison. `flip=False` scores the image as is only.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from gda import ekfac
@@ -456,3 +460,68 @@ __all__ = [
     "training_side",
     "unlearning_step",
 ]
+
+
+def select_items(side: TrainingSide, item_ids: Sequence[int]) -> TrainingSide:
+    """The rows of ``side`` for ``item_ids``, in that order (every id must be present)."""
+    position = {item: row for row, item in enumerate(side.item_ids)}
+    missing = [item for item in item_ids if item not in position]
+    if missing:
+        raise KeyError(f"{len(missing)} items have no training-side gradients (first: {missing[0]}); materialize them")
+    rows = torch.tensor([position[item] for item in item_ids], dtype=torch.long)
+    return TrainingSide(
+        item_ids=list(item_ids),
+        prompt_states=side.prompt_states[rows],
+        output_grads={name: grads[rows] for name, grads in side.output_grads.items()},
+        inputs={name: values[rows] for name, values in side.inputs.items()},
+        uses_prompt_states=side.uses_prompt_states,
+        has_bias=side.has_bias,
+        flip=side.flip,
+    )
+
+
+def concat_sides(sides: Sequence[TrainingSide]) -> TrainingSide:
+    """One training side from several (e.g. one per shard) computed for the same modules."""
+    first = sides[0]
+    return TrainingSide(
+        item_ids=[item for side in sides for item in side.item_ids],
+        prompt_states=torch.cat([side.prompt_states for side in sides]),
+        output_grads={name: torch.cat([side.output_grads[name] for side in sides]) for name in first.output_grads},
+        inputs={name: torch.cat([side.inputs[name] for side in sides]) for name in first.inputs},
+        uses_prompt_states=first.uses_prompt_states,
+        has_bias=first.has_bias,
+        flip=first.flip,
+    )
+
+
+def save_training_side(path: Path, side: TrainingSide) -> None:
+    """One safetensors file (temp name, then rename); layout facts go in its metadata."""
+    tensors = {"item_ids": torch.tensor(side.item_ids, dtype=torch.int64), "prompt_states": side.prompt_states.contiguous()}
+    tensors |= {f"grad/{name}": value.contiguous() for name, value in side.output_grads.items()}
+    tensors |= {f"input/{name}": value.contiguous() for name, value in side.inputs.items()}
+    metadata = {
+        "modules": json.dumps(list(side.output_grads)),
+        "uses_prompt_states": json.dumps(side.uses_prompt_states),
+        "has_bias": json.dumps(side.has_bias),
+        "flip": json.dumps(side.flip),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
+def load_training_side(path: Path) -> TrainingSide:
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    modules = json.loads(metadata["modules"])
+    return TrainingSide(
+        item_ids=tensors["item_ids"].tolist(),
+        prompt_states=tensors["prompt_states"],
+        output_grads={name: tensors[f"grad/{name}"] for name in modules},
+        inputs={name[len("input/"):]: value for name, value in tensors.items() if name.startswith("input/")},
+        uses_prompt_states=json.loads(metadata["uses_prompt_states"]),
+        has_bias=json.loads(metadata["has_bias"]),
+        flip=json.loads(metadata["flip"]),
+    )

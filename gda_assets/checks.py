@@ -69,6 +69,25 @@ INVARIANTS: dict[str, list[Invariant]] = {
             "WHERE a.kind = 'negative' AND b.kind = 'candidate'",
         ),
     ],
+    "abu_scores": [
+        (
+            "finite_scores",
+            "No score is NaN or infinite.",
+            "SELECT count(*) FROM {table} {where} AND (isnan(score) OR isinf(score))",
+        ),
+        (
+            "every_candidate_scored",
+            "Every DINO candidate of every query of the batch has a score.",
+            "SELECT count(*) FROM (SELECT * FROM {schema}.dino_candidates {where} AND kind = 'candidate') c "
+            "ANTI JOIN {table} s USING (query_id, train_id)",
+        ),
+        (
+            "ranks_are_a_permutation",
+            "Per query, ranks are exactly 0..n_candidates-1.",
+            "SELECT count(*) FROM (SELECT count(*) AS n, min(rank) AS lo, max(rank) AS hi, count(DISTINCT rank) AS d, "
+            "max(n_candidates) AS k FROM {table} {where} GROUP BY query_id) WHERE lo <> 0 OR hi <> n - 1 OR d <> n OR k <> n",
+        ),
+    ],
     "generated_queries": [
         (
             "every_prompt_generated",

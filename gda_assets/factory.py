@@ -13,9 +13,9 @@ from gda.home import Home
 from gda.profiles import profile_values
 from gda_assets.corpus import build_training_images, demo_corpus, shard_sensor
 from gda_assets.features import image_features, text_features
-from gda_assets.jobs import demo_corpus_job, ingest_job, model_job, query_batch_job, shard_job
+from gda_assets.jobs import baseline_job, demo_corpus_job, ingest_job, model_job, query_batch_job, shard_job, teacher_job, teacher_shard_job
 from gda_assets.model import build_query_prompts, diffusion_model, generated_queries, query_features
-from gda_assets.teacher import dino_candidates, ekfac_factors
+from gda_assets.teacher import abu_scores, baseline_losses, dino_candidates, ekfac_factors, training_gradients
 from resources import (
     ArrayIOManager,
     Artifacts,
@@ -70,8 +70,11 @@ def build_defs(
         query_features,
         dino_candidates,
         ekfac_factors,
+        training_gradients,
+        baseline_losses,
+        abu_scores,
     ]
-    jobs: list[Any] = [shard_job, ingest_job, model_job, query_batch_job]
+    jobs: list[Any] = [shard_job, ingest_job, model_job, query_batch_job, teacher_shard_job, teacher_job, baseline_job]
     if embedded:
         assets.insert(0, demo_corpus)
         jobs.append(demo_corpus_job)

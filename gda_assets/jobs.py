@@ -33,3 +33,21 @@ query_batch_job = dg.define_asset_job(
     ),
     description="Generate one batch of queries, compute their features and find their DINO candidates.",
 )
+
+teacher_shard_job = dg.define_asset_job(
+    "teacher_shard_job",
+    selection=dg.AssetSelection.assets("training_gradients"),
+    description="Query-independent first-order teacher data of one shard (run after the model).",
+)
+
+teacher_job = dg.define_asset_job(
+    "teacher_job",
+    selection=dg.AssetSelection.assets("abu_scores"),
+    description="AbU+ scores of one query batch's candidates.",
+)
+
+baseline_job = dg.define_asset_job(
+    "baseline_job",
+    selection=dg.AssetSelection.assets("baseline_losses"),
+    description="L(z, theta0) of one shard on the scoring draws, for the finite teacher mode.",
+)

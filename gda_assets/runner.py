@@ -71,7 +71,8 @@ def _run(instance: dg.DagsterInstance, defs: dg.Definitions, job_name: str) -> N
 @dataclass(frozen=True)
 class DemoReport:
     shards: list[ShardReport]
-    query_batches: dict[str, bool]  # batch -> succeeded
+    query_batches: dict[str, bool]  # batch -> generated, encoded and its candidates found
+    scored_batches: dict[str, bool]  # batch -> AbU+ scores written
 
 
 def demo(home: Home, profile: str | None = None, shards_dir: Path | None = None, retrain: bool = False) -> DemoReport:
@@ -92,9 +93,16 @@ def demo(home: Home, profile: str | None = None, shards_dir: Path | None = None,
         raise FileNotFoundError(f"no NNNNN.tar shards in {shards or home.shards}")
     shard_reports = run_shards(instance, defs, "shard_job", [p.stem for p in paths])
     _run(instance, defs, "model_job")
-    job = defs.resolve_job_def("query_batch_job")
-    batches = {
-        key: job.execute_in_process(instance=instance, partition_key=key, raise_on_error=False).success
-        for key in sorted(instance.get_dynamic_partitions(query_batch_partitions.name))
-    }
-    return DemoReport(shards=shard_reports, query_batches=batches)
+    batch_keys = sorted(instance.get_dynamic_partitions(query_batch_partitions.name))
+    batches = _run_partitions(instance, defs, "query_batch_job", batch_keys)
+    teacher_shards = _run_partitions(instance, defs, "teacher_shard_job", [p.stem for p in paths])
+    if not all(teacher_shards.values()):
+        failed = [k for k, ok in teacher_shards.items() if not ok]
+        raise RuntimeError(f"teacher data failed for shards {failed}; open their runs in the UI (gda ui)")
+    scored = _run_partitions(instance, defs, "teacher_job", [k for k, ok in batches.items() if ok])
+    return DemoReport(shards=shard_reports, query_batches=batches, scored_batches=scored)
+
+
+def _run_partitions(instance: dg.DagsterInstance, defs: dg.Definitions, job_name: str, keys: list[str]) -> dict[str, bool]:
+    job = defs.resolve_job_def(job_name)
+    return {key: job.execute_in_process(instance=instance, partition_key=key, raise_on_error=False).success for key in keys}

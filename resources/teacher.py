@@ -6,8 +6,13 @@ import dagster as dg
 class TeacherSettings(dg.ConfigurableResource):
     k_candidates: int = 300  # DINO nearest neighbours scored per query (paper: 10,000)
     n_negatives: int = 100  # random non-candidates kept per query for the student
-    seed: int = 0
+    # Not the training seed: scoring draws must not repeat noise the model was trained on.
+    seed: int = 1
     modules: str = "kv"  # parameters the unlearning step moves: kv | cross_attention | attention | all
     fisher_draws: int = 1  # fixed (t, eps) draws per training image for the EK-FAC fit
     damping_factor: float = 0.1  # lambda = damping_factor x mean corrected eigenvalue, per module
     batch_size: int = 32
+    mode: str = "first_order"  # or "finite": a real parameter step and two loss evaluations per candidate
+    relative_step: float = 1e-3  # ||delta theta|| / ||theta0|| of the unlearning step
+    query_draws: int = 64  # (t, eps) draws averaged into the unlearning gradient of a query
+    scoring_timesteps: int = 20  # fixed draws per training image: t = 0, 50, ..., 950 for 20

@@ -31,3 +31,17 @@ SELECT query_id, prompt, seed, extra FROM query_prompts WHERE batch = ? ORDER BY
 -- name: batch_queries
 -- The generated queries of one batch, in query order.
 SELECT query_id, prompt, image_path FROM generated_queries WHERE batch = ? ORDER BY query_id;
+
+-- name: batch_candidates
+-- The DINO candidates of one query batch, nearest first.
+SELECT query_id, train_id FROM dino_candidates WHERE batch = ? AND kind = 'candidate' ORDER BY query_id, rank;
+
+-- name: shard_training_items
+-- One shard's images with the caption the teacher scores them with.
+SELECT id, shard, key, captions FROM training_images WHERE shard = ? ORDER BY id;
+
+-- name: top_attributions
+-- The most influential training images of a query by the AbU+ teacher, with their captions and sources.
+SELECT s.rank, s.train_id, s.score, t.caption, t.url, t.license
+FROM abu_scores s JOIN training_images t ON t.id = s.train_id
+WHERE s.query_id = ? ORDER BY s.rank LIMIT ?;

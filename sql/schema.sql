@@ -66,3 +66,18 @@ CREATE TABLE IF NOT EXISTS dino_candidates (
     similarity DOUBLE,             -- cosine; null for negatives
     kind VARCHAR NOT NULL          -- candidate | negative
 );
+
+-- AbU+ attribution scores: per query, every candidate's tau = L(z, theta') - L(z, theta0) (first-order
+-- mode: its linearisation), ranked. Partitioned by query batch.
+CREATE TABLE IF NOT EXISTS abu_scores (
+    query_id BIGINT NOT NULL,
+    batch VARCHAR NOT NULL,        -- partition key
+    train_id BIGINT NOT NULL,
+    score DOUBLE NOT NULL,         -- tau: higher = more influential
+    rank INTEGER NOT NULL,         -- 0 = most influential
+    n_candidates INTEGER NOT NULL,
+    mode VARCHAR NOT NULL,         -- first_order | finite
+    model_version VARCHAR NOT NULL,
+    factors_version VARCHAR NOT NULL,
+    config_hash VARCHAR NOT NULL   -- of the teacher settings that produced the row
+);

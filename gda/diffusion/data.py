@@ -29,9 +29,9 @@ def load_shard_images(shard_path: Path, keys: Sequence[str], size: int) -> torch
 
 
 def load_corpus_images(rows, shard_path, size: int) -> torch.Tensor:
-    """Every image of ``rows`` (a frame with ``shard`` and ``key``, in the order given), read shard by
-    shard; ``shard_path`` maps a shard key to its tar."""
-    parts = []
-    for (shard,), group in rows.group_by("shard", maintain_order=True):
-        parts.append(load_shard_images(shard_path(shard), group["key"].to_list(), size))
-    return torch.cat(parts)
+    """Every image of ``rows`` (a frame with ``shard`` and ``key``), in the rows' order, each shard read
+    once; ``shard_path`` maps a shard key to its tar."""
+    out = torch.empty(rows.height, 3, size, size)
+    for (shard,), group in rows.with_row_index("position").group_by("shard", maintain_order=True):
+        out[group["position"].to_list()] = load_shard_images(shard_path(shard), group["key"].to_list(), size)
+    return out

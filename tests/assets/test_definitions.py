@@ -35,6 +35,9 @@ def test_definitions_validate(tmp_path: Path) -> None:
         "query_text_features": "model",
         "dino_candidates": "teacher",
         "ekfac_factors": "teacher",
+        "training_gradients": "teacher",
+        "baseline_losses": "teacher",
+        "abu_scores": "teacher",
     }
 
 
@@ -57,7 +60,7 @@ def test_every_partitioned_duckdb_asset_has_partition_expr(tmp_path: Path) -> No
             duckdb_assets.append(key.to_user_string())
             assert node.metadata.get("partition_expr") in ("shard", "batch"), key
             assert "dagster/column_schema" in node.metadata, key
-    assert sorted(duckdb_assets) == ["dino_candidates", "generated_queries", "rejected_images", "training_images"]
+    assert sorted(duckdb_assets) == ["abu_scores", "dino_candidates", "generated_queries", "rejected_images", "training_images"]
 
 
 def test_blocking_checks_cover_every_table(tmp_path: Path) -> None:

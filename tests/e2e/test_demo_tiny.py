@@ -23,7 +23,8 @@ from gda.profiles import profile_values
 from gda.queries import load_generated, query_seed
 from gda_assets.factory import build_defs
 from gda_assets.runner import open_instance, run_shards
-from resources import DiffusionSource
+from resources import DiffusionSource, TeacherSettings
+from sql import named_query
 from shardkit import good, png, write_tar
 
 
@@ -168,3 +169,38 @@ def test_a_shipped_checkpoint_for_this_corpus_is_used_instead_of_training(demo_h
         assert card.shipped is expect_shipped
         # Training is seeded, so retraining reproduces the shipped weights exactly.
         assert card.version == trained.version
+
+
+def test_abu_scores_rank_every_candidate_of_every_query(demo_home: Home) -> None:
+    rows = _query(demo_home, "SELECT mode, count(*), count(DISTINCT query_id) FROM abu_scores GROUP BY mode")
+    k = profile_values("tiny")["teacher"]["k_candidates"]
+    assert rows == [("first_order", 28 * k, 28)]
+    unscored = _query(
+        demo_home,
+        "SELECT count(*) FROM dino_candidates c ANTI JOIN abu_scores s USING (query_id, train_id) WHERE c.kind = 'candidate'",
+    )
+    assert unscored == [(0,)]
+    # Ranks follow the scores: the top-ranked candidate has the highest score of its query.
+    mismatched = _query(
+        demo_home,
+        "SELECT count(*) FROM (SELECT query_id, max(score) AS best FROM abu_scores GROUP BY query_id) m "
+        "JOIN abu_scores s ON s.query_id = m.query_id AND s.rank = 0 WHERE s.score <> m.best",
+    )
+    assert mismatched == [(0,)]
+    with duckdb.connect(str(demo_home.duckdb_path), read_only=True) as con:
+        top = con.execute(named_query("top_attributions"), [0, 5]).fetchall()
+    assert [r[0] for r in top] == [0, 1, 2, 3, 4] and all(r[3] for r in top)
+
+
+def test_finite_teacher_mode_scores_the_same_candidates(demo_home: Home) -> None:
+    values = profile_values("tiny")["teacher"]
+    defs = build_defs(home=demo_home, profile="tiny", overrides={"teacher": TeacherSettings(**{**values, "mode": "finite"})})
+    instance = open_instance(demo_home)
+    for shard in ("00000", "00001"):
+        assert defs.resolve_job_def("baseline_job").execute_in_process(instance=instance, partition_key=shard).success
+    assert defs.resolve_job_def("teacher_job").execute_in_process(instance=instance, partition_key="val-000").success
+    rows = _query(demo_home, "SELECT mode, count(*), count(*) FILTER (WHERE isfinite(score)) FROM abu_scores WHERE batch = 'val-000' GROUP BY mode")
+    k = values["k_candidates"]
+    assert rows == [("finite", 4 * k, 4 * k)]
+    baseline = arrays.load(demo_home.artifacts / "baseline_losses" / "00000.safetensors")
+    assert baseline.values.shape == (120, 2) and (baseline.values > 0).all()

@@ -7,6 +7,7 @@ import tarfile
 from pathlib import Path
 
 import polars as pl
+import torch
 import pytest
 from PIL import Image
 
@@ -115,3 +116,16 @@ def test_shard_names_must_be_numeric(tmp_path: Path) -> None:
         ingest_shard(path)
     write_tar(tmp_path / "00004.tar", good("a"))
     assert [p.name for p in list_shards(tmp_path)] == ["00004.tar"]
+
+
+def test_corpus_images_come_back_in_the_order_asked_across_shards(tmp_path: Path) -> None:
+    from gda.diffusion.data import load_corpus_images
+
+    colours = {("00001", "a"): (255, 0, 0), ("00001", "b"): (0, 255, 0), ("00002", "c"): (0, 0, 255)}
+    write_tar(tmp_path / "00001.tar", [("a.png", png(colour=colours["00001", "a"])), ("b.png", png(colour=colours["00001", "b"]))])
+    write_tar(tmp_path / "00002.tar", [("c.png", png(colour=colours["00002", "c"]))])
+    rows = pl.DataFrame({"shard": ["00001", "00002", "00001"], "key": ["b", "c", "a"]})
+    images = load_corpus_images(rows, lambda shard: tmp_path / f"{shard}.tar", 16)
+    for position, (shard, key) in enumerate(zip(rows["shard"], rows["key"])):
+        expected = torch.tensor(colours[shard, key], dtype=torch.float32) / 127.5 - 1
+        assert torch.allclose(images[position, :, 0, 0], expected)

@@ -249,3 +249,30 @@ def test_rank_scores() -> None:
     assert unlearning.rank_scores(scores, [9, 7, 3, 1, 5]).tolist() == [3, 1, 2, 4, 0]
     both = unlearning.rank_scores(torch.stack([scores, -scores]))
     assert both.shape == (2, 5) and both[1].tolist() == [1, 3, 2, 0, 4]
+
+
+def test_training_side_round_trips_and_selects_rows_in_order(tmp_path: Path) -> None:
+    from gda.unlearning import TrainingSide, concat_sides, load_training_side, save_training_side, select_items
+
+    generator = torch.Generator().manual_seed(0)
+    parts = [
+        TrainingSide(
+            item_ids=ids,
+            prompt_states=torch.randn(len(ids), 4, 6, generator=generator),
+            output_grads={"m.to_k": torch.randn(len(ids), 2, 4, 3, generator=generator)},
+            inputs={},
+            uses_prompt_states=["m.to_k"],
+            has_bias={"m.to_k": False},
+            flip=True,
+        )
+        for ids in ([10, 11, 12], [20, 21])
+    ]
+    whole = concat_sides(parts)
+    save_training_side(tmp_path / "side.safetensors", whole)
+    loaded = load_training_side(tmp_path / "side.safetensors")
+    assert loaded.item_ids == [10, 11, 12, 20, 21] and loaded.flip and loaded.uses_prompt_states == ["m.to_k"]
+    assert torch.equal(loaded.output_grads["m.to_k"], whole.output_grads["m.to_k"])
+    picked = select_items(loaded, [21, 10])
+    assert torch.equal(picked.prompt_states, torch.stack([parts[1].prompt_states[1], parts[0].prompt_states[0]]))
+    with pytest.raises(KeyError, match="no training-side gradients"):
+        select_items(loaded, [99])
