@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,14 +24,6 @@ TINY = ScratchModelConfig(block_channels=(16, 32), attention_heads=2, norm_num_g
 N_TRAIN, N_QUERY, QUERY_DRAWS = 12, 3, 4
 TRAIN_SEED, QUERY_SEED = 1, 2
 QUERY_IDS = [100 + i for i in range(N_QUERY)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ the text path matter as it does in a trained model; τ is then ~1e-5 and finite 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -23,14 +22,6 @@ N_TRAIN, N_QUERY, QUERY_DRAWS = 24, 3, 64
 FIT_SEED, SCORE_SEED, QUERY_SEED = 1, 5, 2
 QUERY_IDS = [100 + i for i in range(N_QUERY)]
 IDS = list(range(1000, 1000 + N_TRAIN))  # train ids unlike positions, to catch id/position mix-ups
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
