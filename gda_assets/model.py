@@ -2,7 +2,6 @@
 
 import base64
 import hashlib
-import json
 import shutil
 import time
 from dataclasses import asdict
@@ -12,7 +11,6 @@ import dagster as dg
 import polars as pl
 
 from gda import features, plots, tables
-from gda.arrays import IdArray
 from gda.diffusion.card import ModelCard, corpus_fingerprint, read_card, weights_dir, weights_version, write_card
 from gda_assets.checks import Partition, column_schema, table_check_results, table_check_specs
 from gda_assets.partitions import query_batch_partitions

@@ -212,7 +212,6 @@ def abu_scores(
     import hashlib
     import json
 
-    import torch
 
     from gda import teacher as science
     from gda.ekfac import load_factors, select_modules

@@ -8,6 +8,7 @@ the text path matter as it does in a trained model; τ is then ~1e-5 and finite 
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import numpy as np
 import pytest
