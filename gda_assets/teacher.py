@@ -74,14 +74,11 @@ def ekfac_factors(
 ) -> dg.MaterializeResult:
     import time
 
-    from gda.diffusion.data import load_corpus_images
     from gda.ekfac import DiffusionItems, fit_diffusion_factors, save_factors
 
     bundle, card = load_bundle(artifacts, compute.device)
     rows = warehouse.named("corpus_for_training")
-    images = load_corpus_images(rows, corpus.shard_path, bundle.image_size)
-    # The fit sees each image with its first caption: the pairing the student and the scores use too.
-    states = bundle.text.encode_prompts(rows["captions"].list.first().to_list())
+    images, states = _images_and_states(bundle, corpus, rows)
     items = DiffusionItems(
         bundle, images, states, rows["id"].to_list(), list(range(teacher.fisher_draws)), seed=teacher.seed,
         batch_size=teacher.batch_size, snr_gamma=card.snr_gamma,
@@ -111,13 +108,19 @@ def _teacher_config(teacher: TeacherSettings) -> TeacherConfig:
     return TeacherConfig(**teacher.model_dump(include=set(TeacherConfig.__dataclass_fields__)))
 
 
-def _shard_items(bundle, corpus: CorpusSource, warehouse: Warehouse, shard: str):
-    """A shard's images (model resolution), first-caption prompt states and ids."""
+def _images_and_states(bundle, corpus: CorpusSource, rows: pl.DataFrame):
+    """The images of ``rows`` at the model's resolution and the prompt states of their first captions: the
+    pairing the EK-FAC fit, the scores and the student all use."""
     from gda.diffusion.data import load_corpus_images
 
-    rows = warehouse.named("shard_training_items", [shard])
     images = load_corpus_images(rows, corpus.shard_path, bundle.image_size)
-    return images, bundle.text.encode_prompts(rows["captions"].list.first().to_list()), rows["id"].to_list()
+    return images, bundle.text.encode_prompts(rows["captions"].list.first().to_list())
+
+
+def _shard_items(bundle, corpus: CorpusSource, warehouse: Warehouse, shard: str):
+    """A shard's images, first-caption prompt states and ids."""
+    rows = warehouse.named("shard_training_items", [shard])
+    return *_images_and_states(bundle, corpus, rows), rows["id"].to_list()
 
 
 def _finite_items(bundle, corpus: CorpusSource, warehouse: Warehouse, artifacts: Artifacts, shards: list[str]):
@@ -125,7 +128,6 @@ def _finite_items(bundle, corpus: CorpusSource, warehouse: Warehouse, artifacts:
     import torch
 
     from gda import arrays
-    from gda.diffusion.data import load_corpus_images
 
     baseline = [arrays.load(artifacts.path("baseline_losses") / f"{shard}.safetensors") for shard in shards]
     baseline_of = {int(i): torch.from_numpy(v) for array in baseline for i, v in zip(array.ids, array.values)}
@@ -133,8 +135,7 @@ def _finite_items(bundle, corpus: CorpusSource, warehouse: Warehouse, artifacts:
     def items(ids: list[int]):
         rows = warehouse.query("SELECT id, shard, key, captions FROM training_images WHERE list_contains(?, id)", [ids])
         rows = pl.DataFrame({"id": ids}).join(rows, on="id", how="left", maintain_order="left")
-        images = load_corpus_images(rows, corpus.shard_path, bundle.image_size)
-        states = bundle.text.encode_prompts(rows["captions"].list.first().to_list())
+        images, states = _images_and_states(bundle, corpus, rows)
         return images, states, torch.stack([baseline_of[i] for i in ids])
 
     return items
