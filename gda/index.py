@@ -17,7 +17,8 @@ class SearchSettings:
 
 
 def normalise(vectors: np.ndarray) -> np.ndarray:
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    """Unit-length float32 rows, as a new array: faiss normalises in place, and callers keep their data."""
+    vectors = np.array(vectors, dtype=np.float32, order="C", copy=True)
     faiss.normalize_L2(vectors)
     return vectors
 

@@ -81,3 +81,32 @@ CREATE TABLE IF NOT EXISTS abu_scores (
     factors_version VARCHAR NOT NULL,
     config_hash VARCHAR NOT NULL   -- of the teacher settings that produced the row
 );
+
+-- One row per answer of the query service (gda query, gda serve), appended and never replaced: which
+-- training images were credited for which generated image and prompt, by which model, embedder and index.
+CREATE TABLE IF NOT EXISTS attribution_log (
+    log_id VARCHAR NOT NULL,       -- uuid4 of the answer: a spooled row sent twice is stored once
+    logged_at TIMESTAMP NOT NULL,  -- UTC, when the answer was logged
+    interface VARCHAR NOT NULL,    -- cli | http
+    image_sha256 VARCHAR NOT NULL, -- of the query image's bytes as received (a PIL image: of its PNG encoding)
+    prompt VARCHAR NOT NULL,
+    top_k INTEGER NOT NULL,        -- results asked for
+    model_version VARCHAR NOT NULL, -- the diffusion_model version served (unknown without a model card)
+    embedder_version VARCHAR NOT NULL, -- attribution_embedder version
+    index_version VARCHAR NOT NULL, -- attribution_index version
+    train_ids BIGINT[] NOT NULL,   -- the answer, most influential first (rank 1)
+    scores DOUBLE[] NOT NULL,      -- inner products of the embeddings, aligned with train_ids
+    latency_ms DOUBLE NOT NULL     -- from the request to the answer, logging excluded
+);
+
+-- A view, not a table (no rows of its own): each logged answer unnested into one row per credited training
+-- image, with the metadata that image has now (null where it is no longer a training image).
+CREATE OR REPLACE VIEW attribution_results AS
+SELECT a.log_id, a.logged_at, a.interface, a.image_sha256, a.prompt, a.rank, a.train_id, a.score,
+       t.caption, t.url, t.license, a.model_version, a.embedder_version, a.index_version
+FROM (
+    SELECT log_id, logged_at, interface, image_sha256, prompt, model_version, embedder_version, index_version,
+           unnest(range(1, len(train_ids) + 1)) AS rank, unnest(train_ids) AS train_id, unnest(scores) AS score
+    FROM attribution_log
+) a
+LEFT JOIN training_images t ON t.id = a.train_id;

@@ -1,0 +1,191 @@
+"""The attribution index: a FAISS inner-product index over the training embeddings of every shard, with a
+manifest that says what it holds, so that it can be extended shard by shard and refused when stale.
+
+Stored as one safetensors file: the `faiss.serialize_index` bytes as a uint8 tensor and the manifest as JSON
+in the file's metadata (safetensors cannot execute code on load), written to a temp name and renamed so a
+reader sees the old index or the new one, never half.
+
+A new shard is *added* to the existing index; anything that invalidates vectors already in it (another
+embedder version, a shard whose content changed or that was removed) rebuilds it, and so does crossing
+`SearchSettings.ivf_above`, because an exact flat index cannot turn into an IVF one by adding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import faiss
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from gda import index as faiss_search
+from gda.arrays import IdArray
+from gda.index import SearchSettings
+
+INDEX_FILE = "index.safetensors"
+_TENSOR = "faiss_index"
+_MANIFEST = "manifest"
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    count: int
+    content_hash: str  # of the shard's ids and embeddings: a changed shard forces a rebuild
+
+
+@dataclass(frozen=True)
+class Manifest:
+    embedder_version: str
+    dim: int
+    kind: str  # "flat" (exact) or "ivf"
+    count: int
+    shards: dict[str, ShardEntry]
+    # A hash of the serialised FAISS index and every field above: it names exactly what answered a query.
+    version: str
+
+
+@dataclass(frozen=True)
+class AttributionIndex:
+    faiss_index: faiss.Index  # an IndexIDMap2 searchable by training id
+    manifest: Manifest
+
+
+def shard_hash(shard: IdArray) -> str:
+    """A hash of a shard's ids and embeddings (shape, dtype and bytes)."""
+    digest = hashlib.sha256()
+    for array in (np.ascontiguousarray(shard.ids, dtype=np.int64), np.ascontiguousarray(shard.values, dtype=np.float32)):
+        digest.update(str(array.shape).encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _check_shards(shards: Mapping[str, IdArray]) -> int:
+    """The common embedding width of `shards`; ValueError if they disagree, repeat ids or hold nothing."""
+    if not shards:
+        raise ValueError("no training embeddings to index: materialize training_embeddings first")
+    dims = {name: shard.values.shape[1] for name, shard in shards.items()}
+    first = next(iter(dims))
+    odd = {name: width for name, width in dims.items() if width != dims[first]}
+    if odd:
+        raise ValueError(f"training embeddings differ in width: shard {first} has {dims[first]}, but {odd}")
+    ids = np.concatenate([shard.ids for shard in shards.values()])
+    if len(ids) == 0:
+        raise ValueError("no training embeddings to index: every shard is empty")
+    unique, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"training ids occur in more than one row, e.g. {int(unique[counts > 1][0])}")
+    return dims[first]
+
+
+def _kind(index: faiss.Index) -> str:
+    return "ivf" if isinstance(faiss.downcast_index(index.index), faiss.IndexIVF) else "flat"
+
+
+def _version(serialised: np.ndarray, fields: Mapping[str, object]) -> str:
+    digest = hashlib.sha256(serialised.tobytes())
+    digest.update(json.dumps(fields, sort_keys=True).encode())
+    return digest.hexdigest()[:12]
+
+
+def _manifest_fields(manifest: Manifest) -> dict[str, object]:
+    fields = asdict(manifest)
+    del fields["version"]
+    return fields
+
+
+def _versioned(index: faiss.Index, embedder_version: str, hashes: Mapping[str, str], counts: Mapping[str, int], dim: int) -> AttributionIndex:
+    entries = {name: ShardEntry(counts[name], hashes[name]) for name in sorted(hashes)}
+    manifest = Manifest(embedder_version, dim, _kind(index), int(index.ntotal), entries, version="")
+    version = _version(faiss.serialize_index(index), _manifest_fields(manifest))
+    return AttributionIndex(index, replace(manifest, version=version))
+
+
+def _rebuild_reason(current: Manifest, embedder_version: str, hashes: Mapping[str, str], total: int, settings: SearchSettings, dim: int) -> str | None:
+    if current.embedder_version != embedder_version:
+        return f"embedder version {current.embedder_version} -> {embedder_version}"
+    if current.dim != dim:
+        return f"embedding width {current.dim} -> {dim}"
+    removed = sorted(set(current.shards) - set(hashes))
+    if removed:
+        return f"shard(s) removed: {', '.join(removed)}"
+    changed = [name for name, entry in sorted(current.shards.items()) if hashes[name] != entry.content_hash]
+    if changed:
+        return f"shard(s) changed: {', '.join(changed)}"
+    # The same threshold gda.index.build applies: above it the index must be IVF, at or below it exact.
+    wanted = "ivf" if total > settings.ivf_above else "flat"
+    if current.kind != wanted:
+        return f"{total} rows with ivf_above={settings.ivf_above} call for a {wanted} index, not {current.kind}"
+    return None
+
+
+def update_index(
+    current: AttributionIndex | None,
+    embedder_version: str,
+    shards: Mapping[str, IdArray],
+    settings: SearchSettings = SearchSettings(),
+) -> tuple[AttributionIndex, str]:
+    """The index over every shard in `shards` (name -> training embeddings), and the action taken:
+    "built", "added N shards", "unchanged" or "rebuilt: <reason>". `current` is never modified."""
+    dim = _check_shards(shards)
+    hashes = {name: shard_hash(shard) for name, shard in shards.items()}
+    counts = {name: len(shard.ids) for name, shard in shards.items()}
+    reason = None if current is None else _rebuild_reason(current.manifest, embedder_version, hashes, sum(counts.values()), settings, dim)
+    if current is None or reason is not None:
+        names = sorted(shards)
+        ids = np.concatenate([shards[name].ids for name in names])
+        vectors = np.concatenate([shards[name].values for name in names])
+        built = _versioned(faiss_search.build(ids, vectors, settings), embedder_version, hashes, counts, dim)
+        return built, "built" if current is None else f"rebuilt: {reason}"
+    added = sorted(set(shards) - set(current.manifest.shards))
+    if not added:
+        return current, "unchanged"
+    extended = faiss.clone_index(current.faiss_index)
+    for name in added:
+        # gda.index.normalise normalises a float32 array in place: hand it a copy, not the caller's shard.
+        vectors = faiss_search.normalise(np.array(shards[name].values, dtype=np.float32))
+        extended.add_with_ids(vectors, np.ascontiguousarray(shards[name].ids, dtype=np.int64))
+    return _versioned(extended, embedder_version, hashes, counts, dim), f"added {len(added)} shards"
+
+
+def search(index: AttributionIndex, query_embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training ids, inner products), each (n_queries, min(k, count)), best first. An IVF index can find
+    fewer than k in the lists it probes: missing results have id -1."""
+    if query_embeddings.ndim != 2 or query_embeddings.shape[1] != index.manifest.dim:
+        raise ValueError(f"query embeddings of shape {query_embeddings.shape} do not match the index width {index.manifest.dim}")
+    # A copy: gda.index.search normalises float32 queries in place.
+    return faiss_search.search(index.faiss_index, np.array(query_embeddings, dtype=np.float32), k)
+
+
+def save_index(path: Path, index: AttributionIndex) -> None:
+    """Write the index and its manifest to `path` via a temp file and rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    manifest = json.dumps(asdict(index.manifest), sort_keys=True)
+    try:
+        save_file({_TENSOR: faiss.serialize_index(index.faiss_index)}, str(tmp), metadata={_MANIFEST: manifest})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_index(path: Path) -> AttributionIndex:
+    """The index saved at `path`; ValueError (one line) if the file is not one or does not match its manifest."""
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            saved = json.loads((handle.metadata() or {})[_MANIFEST])
+            serialised = handle.get_tensor(_TENSOR)
+        manifest = Manifest(**{**saved, "shards": {name: ShardEntry(**entry) for name, entry in saved["shards"].items()}})
+        if _version(serialised, _manifest_fields(manifest)) != manifest.version:
+            raise ValueError(f"content does not hash to its manifest version {manifest.version}")
+        index = faiss.deserialize_index(serialised)
+    except FileNotFoundError:
+        raise
+    except (OSError, KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"{path}: not a valid attribution index ({type(error).__name__}: {error})") from error
+    return AttributionIndex(index, manifest)

@@ -1,0 +1,306 @@
+"""The query engine behind `gda query` and `gda serve` (no web framework here): given a generated image and
+its prompt, the most influential training images with their metadata, in milliseconds.
+
+Everything is loaded once: the embedder, the attribution index, the image and text encoders and the
+training images' metadata. An answer encodes the image and the prompt concurrently (the text encoder is the
+cost over an image-only baseline), embeds concat(image, text) as a query, searches the index and joins the
+metadata. The engine refuses to answer (`VersionMismatch`) when the index was built with another embedder
+than the one loaded: its vectors would not be comparable, and the answers silently wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import threading
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from numbers import Integral
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import polars as pl
+from PIL import Image
+
+from gda.attribution_index import INDEX_FILE, AttributionIndex, load_index, search
+from gda.audit import AuditLog
+from gda.connections import connect
+from gda.corpus.shards import iter_image_bytes
+from gda.diffusion.card import read_card
+from gda.embedder import CONFIG_FILE, Embedder, load_embedder
+from gda.encoders import EncoderSpec, ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
+from gda.home import Home
+from gda.profiles import profile_values
+from gda.queries import png_bytes
+from sql import named_query
+
+MAX_TOP_K = 1000
+EMBEDDER_FOLDER = "attribution_embedder"
+INDEX_FOLDER = "attribution_index"
+METADATA_COLUMNS = ("id", "shard", "key", "caption", "url", "license", "image_format")
+_METADATA_LOCK_WAIT_S = 10.0  # opening is rare and may wait out a short Dagster write
+
+
+class InvalidImage(ValueError):
+    """The query image is not an image Pillow can decode."""
+
+
+class ImageTooLarge(InvalidImage):
+    """The query image declares more pixels than Pillow's decompression-bomb limit."""
+
+
+class Refused(ValueError):
+    """The engine's parts do not fit together, so it answers nothing until an asset is re-materialized."""
+
+
+class VersionMismatch(Refused):
+    """The index was built from embeddings of another embedder version than the one loaded."""
+
+
+@dataclass(frozen=True)
+class Match:
+    rank: int  # 1 = most influential
+    train_id: int
+    score: float  # inner product of the query and training embeddings: higher = more influential
+    caption: str
+    url: str | None
+    license: str | None
+
+
+@dataclass(frozen=True)
+class Versions:
+    model: str  # the diffusion model the attributions are for
+    embedder: str
+    index: str
+
+
+@dataclass(frozen=True)
+class Attribution:
+    results: list[Match]
+    versions: Versions
+    image_sha256: str  # of the image bytes as given; of the PNG encoding for a PIL image
+    prompt: str
+    top_k: int
+    timings_ms: dict[str, float]  # image_features, text_features, features (both, concurrent), embed, search, total
+
+    def payload(self) -> dict[str, Any]:
+        """The JSON answer of the CLI and the HTTP API."""
+        return {
+            "results": [asdict(match) for match in self.results],
+            "versions": asdict(self.versions),
+            "image_sha256": self.image_sha256,
+            "timings_ms": self.timings_ms,
+        }
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """The fully decoded image in `data`; InvalidImage (ImageTooLarge for a decompression bomb) otherwise."""
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between its pixel limit and twice that; a service must not decode those either.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageTooLarge(f"image too large to decode: {error}") from error
+    except Image.UnidentifiedImageError as error:
+        raise InvalidImage("not a decodable image: Pillow recognises no image format in these bytes") from error
+    except (OSError, ValueError, SyntaxError) as error:
+        raise InvalidImage(f"not a decodable image ({type(error).__name__}: {error})") from error
+    return image
+
+
+def _timed(function, *args) -> tuple[Any, float]:
+    started = time.perf_counter()
+    result = function(*args)
+    return result, (time.perf_counter() - started) * 1000
+
+
+class AttributionEngine:
+    """Answers attribution queries against one embedder, index and metadata snapshot; thread-safe."""
+
+    def __init__(
+        self,
+        embedder: Embedder,
+        index: AttributionIndex,
+        image_encoder: ImageEncoder,
+        text_encoder: TextEncoder,
+        metadata: pl.DataFrame,
+        shards: Path,
+        model_version: str,
+        audit: AuditLog | None = None,
+    ) -> None:
+        config = embedder.config
+        if (config.image_dim, config.input_dim - config.image_dim) != (image_encoder.dim, text_encoder.dim):
+            raise ValueError(
+                f"the embedder takes {config.image_dim} image + {config.input_dim - config.image_dim} text features, "
+                f"but the encoders give {image_encoder.dim} ({image_encoder.name}) + {text_encoder.dim} ({text_encoder.name}): "
+                "open the engine with the profile the embedder was trained with"
+            )
+        missing = [name for name in METADATA_COLUMNS if name not in metadata.columns]
+        if missing:
+            raise ValueError(f"training metadata lacks columns {missing}")
+        self.embedder = embedder
+        self.index = index
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        self.metadata = metadata.select(METADATA_COLUMNS).sort("id")
+        self._ids = self.metadata["id"].to_numpy()
+        self.shards = shards
+        self.model_version = model_version
+        self.audit = audit
+        # Encoders and embedder are not promised to be thread-safe (a shared HF fast tokenizer raises
+        # "Already borrowed"), so one query computes features at a time; the pool runs its text half.
+        self._compute = threading.Lock()
+        self._text_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gda-text")
+
+    def close(self) -> None:
+        self._text_pool.shutdown()
+
+    def __enter__(self) -> AttributionEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def versions(self) -> Versions:
+        return Versions(self.model_version, str(self.embedder.version), self.index.manifest.version)
+
+    @property
+    def refusal(self) -> str | None:
+        """Why the engine refuses every query, or None when it answers."""
+        built_for, loaded = self.index.manifest.embedder_version, self.embedder.version
+        if built_for != loaded:
+            return (
+                f"the attribution index was built for embedder {built_for} but embedder {loaded} is loaded: "
+                "re-materialize attribution_index (a running gda serve loads it when it starts)"
+            )
+        return None
+
+    @property
+    def max_top_k(self) -> int:
+        return min(MAX_TOP_K, self.index.manifest.count)
+
+    def attribute(self, image: bytes | Image.Image, prompt: str, top_k: int) -> Attribution:
+        """The `top_k` most influential training images for `image` generated from `prompt`, best first.
+
+        `image` is encoded bytes (decoded here, guarded against decompression bombs) or a PIL image. Raises
+        VersionMismatch, InvalidImage, or ValueError for an empty prompt or a top_k outside 1..max_top_k;
+        the answer is logged when the engine has an audit log.
+        """
+        started = time.perf_counter()
+        if self.refusal is not None:
+            raise VersionMismatch(self.refusal)
+        if not prompt.strip():
+            raise ValueError("prompt is empty: attribution needs the prompt the image was generated from")
+        if isinstance(top_k, bool) or not isinstance(top_k, Integral) or not 1 <= top_k <= self.max_top_k:
+            raise ValueError(f"top_k must be an integer from 1 to {self.max_top_k}, got {top_k!r}")
+        top_k = int(top_k)
+        if isinstance(image, bytes):
+            data, picture = image, decode_image(image)
+        else:
+            data, picture = png_bytes(image), image
+        with self._compute:
+            features_started = time.perf_counter()
+            text_job = self._text_pool.submit(_timed, self.text_encoder.encode, [prompt])
+            image_features, image_ms = _timed(self.image_encoder.encode, [picture])
+            text_features, text_ms = text_job.result()
+            features_ms = (time.perf_counter() - features_started) * 1000
+            query, embed_ms = _timed(self.embedder.embed_queries, np.concatenate([image_features, text_features], axis=1))
+        (ids, scores), search_ms = _timed(search, self.index, query, top_k)
+        found = ids[0] >= 0  # an IVF index may find fewer than top_k
+        results = self.matches(ids[0][found], scores[0][found])
+        timings = {
+            "image_features": image_ms,
+            "text_features": text_ms,
+            "features": features_ms,
+            "embed": embed_ms,
+            "search": search_ms,
+            "total": (time.perf_counter() - started) * 1000,
+        }
+        answer = Attribution(results, self.versions, hashlib.sha256(data).hexdigest(), prompt, top_k, timings)
+        if self.audit is not None:
+            self.audit.append(answer)
+        return answer
+
+    def _rows(self, train_ids: np.ndarray) -> pl.DataFrame:
+        positions = np.searchsorted(self._ids, train_ids).clip(max=len(self._ids) - 1)
+        unknown = train_ids[self._ids[positions] != train_ids]
+        if len(unknown):
+            raise Refused(
+                f"{len(unknown)} indexed training ids (first: {int(unknown[0])}) are not in training_images: "
+                "the corpus changed since the index was built; re-materialize attribution_index"
+            )
+        return self.metadata[positions.tolist()]
+
+    def matches(self, train_ids: np.ndarray, scores: np.ndarray) -> list[Match]:
+        """Search hits (best first) joined with their training metadata, ranked from 1."""
+        rows = self._rows(train_ids).iter_rows(named=True)
+        return [
+            Match(rank, int(row["id"]), float(score), row["caption"], row["url"], row["license"])
+            for rank, (row, score) in enumerate(zip(rows, scores, strict=True), start=1)
+        ]
+
+    def training_image(self, train_id: int) -> tuple[dict[str, Any], bytes]:
+        """A training image's metadata (with its `media_type`) and its bytes as stored in its shard.
+
+        KeyError for an id that is not a training image; FileNotFoundError if its shard no longer holds it.
+        """
+        position = int(np.searchsorted(self._ids, train_id))
+        if position == len(self._ids) or self._ids[position] != train_id:
+            raise KeyError(f"no training image with id {train_id}")
+        row = self.metadata.row(position, named=True)
+        path = self.shards / f"{row['shard']}.tar"
+        found = dict(iter_image_bytes(path, [row["key"]]))
+        if row["key"] not in found:
+            raise FileNotFoundError(f"{path} is missing or no longer holds sample {row['key']}: re-ingest shard {row['shard']}")
+        return {**row, "media_type": f"image/{row['image_format'].lower()}"}, found[row["key"]]
+
+
+def read_metadata(database: Path) -> pl.DataFrame:
+    """The serving metadata of every training image, from a short-lived read-only connection."""
+    try:
+        with connect(database, read_only=True, wait_s=_METADATA_LOCK_WAIT_S) as con:
+            return con.execute(named_query("serving_metadata")).pl()
+    except duckdb.CatalogException as error:
+        raise FileNotFoundError(f"{database} has no training_images table: materialize training_images first") from error
+
+
+def open_engine(
+    home: Home,
+    profile: str | None = None,
+    device: str = "cpu",
+    shards: Path | None = None,
+    interface: str | None = None,
+) -> AttributionEngine:
+    """The engine over a home's materialized assets, with the encoders of `profile` on `device`.
+
+    `shards` overrides the home's shard folder (where `gda ingest --shards` read them). With an `interface`
+    ('cli' or 'http') every answer is logged to the home's attribution_log. FileNotFoundError names the
+    asset to materialize when one is missing.
+    """
+    embedder_folder = home.artifacts / EMBEDDER_FOLDER
+    index_path = home.artifacts / INDEX_FOLDER / INDEX_FILE
+    for path, asset in ((embedder_folder / CONFIG_FILE, EMBEDDER_FOLDER), (index_path, INDEX_FOLDER), (home.duckdb_path, "training_images")):
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist: materialize {asset} first")
+    spec = EncoderSpec(**profile_values(profile)["encoders"], device=device)
+    try:
+        model_version = read_card(home.artifacts / "diffusion_model").version
+    except FileNotFoundError:
+        model_version = "unknown"
+    return AttributionEngine(
+        embedder=load_embedder(embedder_folder, device),
+        index=load_index(index_path),
+        image_encoder=load_image_encoder(spec),
+        text_encoder=load_text_encoder(spec),
+        metadata=read_metadata(home.duckdb_path),
+        shards=shards if shards is not None else home.shards,
+        model_version=model_version,
+        audit=AuditLog.for_home(home, interface) if interface is not None else None,
+    )
