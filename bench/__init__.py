@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-BENCHMARKS = ("model",)
+BENCHMARKS = ("model", "teacher", "latency")
 
 
 def run(name: str, home: Path, profile: str | None) -> dict[str, Any]:

@@ -1,18 +1,20 @@
 """The ``gda`` command line.
 
 Commands that materialize assets (``demo``, ``ingest``) hand over to ``gda_assets.runner``, imported only
-when such a command runs: the science package itself never imports Dagster.
+when such a command runs: the science package itself never imports Dagster. ``query`` and ``serve`` load the
+attribution engine (torch, FAISS, the encoders) only when they run, so the other commands start fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 
 from gda.home import Home
-from gda.profiles import PROFILES
+from gda.profiles import PROFILES, profile_values
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +46,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if failed or unscored:
         print(f"batch run(s) failed: {', '.join(failed + unscored)}", file=sys.stderr)
         status = 1
-    print(f"home: {home.root}  (open the UI with: gda ui --home {home.root})")
+    _print_sample_attribution(home, args.profile, shards)
+    print(f"\nhome: {home.root}")
+    print(f"Dagster UI:    gda ui --home {home.root}     (http://127.0.0.1:3000)")
+    print(f"query API:     gda serve --home {home.root}  (http://127.0.0.1:8000/docs)")
     return status
 
 
@@ -79,6 +84,72 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _use_profile_threads(profile: str | None) -> None:
+    """Torch's thread count from the profile, as the Dagster compute resource sets it for the assets."""
+    import torch
+
+    torch.set_num_threads(profile_values(profile)["compute"]["threads"])
+
+
+def _cmd_query(args: argparse.Namespace) -> int:
+    from gda.service import open_engine
+
+    image = Path(args.image).read_bytes()
+    _use_profile_threads(args.profile)
+    with open_engine(Home.resolve(args.home), args.profile, interface="cli") as engine:
+        answer = engine.attribute(image, args.prompt, args.top_k)
+    if args.json:
+        print(json.dumps(answer.payload(), indent=2))
+        return 0
+    _print_answer(answer)
+    return 0
+
+
+def _print_answer(answer) -> None:
+    versions = answer.versions
+    print(f"model {versions.model}  embedder {versions.embedder}  index {versions.index}")
+    print(f"{'rank':>4} {'train id':>14} {'score':>8}  {'caption':<40}  url")
+    for match in answer.results:
+        caption = match.caption if len(match.caption) <= 40 else match.caption[:39] + "…"
+        print(f"{match.rank:>4} {match.train_id:>14} {match.score:>8.4f}  {caption:<40}  {match.url or '-'}")
+
+
+def _print_sample_attribution(home: Home, profile: str | None, shards: Path | None) -> None:
+    """The demo's last word: the distilled attribution of one generated test query, as `gda query` gives it."""
+    import duckdb
+
+    from gda.service import open_engine
+
+    with duckdb.connect(str(home.duckdb_path), read_only=True) as con:
+        row = con.execute(
+            "SELECT g.query_id, g.prompt, g.image_path FROM generated_queries g JOIN query_prompts q USING (query_id) "
+            "WHERE q.split = 'test' ORDER BY g.query_id LIMIT 1"
+        ).fetchone()
+    if row is None:
+        return
+    query_id, prompt, image_path = row
+    image = home.artifacts / image_path
+    with open_engine(home, profile, shards=shards, interface="cli") as engine:
+        answer = engine.attribute(image.read_bytes(), prompt, min(5, engine.max_top_k))
+    print(f"\nsample attribution of test query {query_id}: \"{prompt}\" ({image})")
+    _print_answer(answer)
+    print(f"same from the command line: gda query --home {home.root} --image {image} --prompt \"{prompt}\" --top-k 5")
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gda.api import MiB, create_app
+    from gda.service import open_engine
+
+    _use_profile_threads(args.profile)
+    with open_engine(Home.resolve(args.home), args.profile, interface="http") as engine:
+        if engine.refusal is not None:
+            print(f"gda: warning: {engine.refusal}; every query is refused until then", file=sys.stderr)
+        uvicorn.run(create_app(engine, max_upload_bytes=int(args.max_upload_mb * MiB)), host=args.host, port=args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gda", description="Fast data attribution for text-to-image models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -100,6 +171,21 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=3000)
     ui.set_defaults(run=_cmd_ui)
 
+    query = commands.add_parser("query", help="the training images that most influenced a generated image")
+    _add_common(query)
+    query.add_argument("--image", required=True, help="the generated image file")
+    query.add_argument("--prompt", required=True, help="the prompt it was generated from")
+    query.add_argument("--top-k", type=int, default=10, help="how many training images (default 10)")
+    query.add_argument("--json", action="store_true", help="print the answer as JSON")
+    query.set_defaults(run=_cmd_query)
+
+    serve = commands.add_parser("serve", help="serve attribution queries over HTTP (OpenAPI docs at /docs)")
+    _add_common(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body accepted (default 10)")
+    serve.set_defaults(run=_cmd_serve)
+
     bench = commands.add_parser("bench", help="run a benchmark: JSON for machines, a table for people")
     _add_common(bench)
     bench.add_argument("name", help="benchmark name, e.g. model")
@@ -112,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, TimeoutError) as error:
         print(f"gda: {error}", file=sys.stderr)
         return 2
 

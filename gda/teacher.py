@@ -4,7 +4,8 @@ score its candidates by the change of their loss (finite) or its linearisation (
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import polars as pl
@@ -14,6 +15,9 @@ from torch import nn
 from gda import ekfac, unlearning
 from gda.diffusion.bundle import DiffusionBundle
 from gda.diffusion.loss import scoring_timesteps
+
+
+MODES = ("first_order", "finite")
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,10 @@ class TeacherConfig:
     seed: int
     batch_size: int
 
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"teacher mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+
 
 @dataclass(frozen=True)
 class QueryBatch:
@@ -35,17 +43,28 @@ class QueryBatch:
     candidates: dict[int, list[int]]  # query id -> candidate train ids, nearest first
 
 
+# train ids -> (their images, prompt states, baseline losses), for the finite teacher
+FiniteItems = Callable[[list[int]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
 def timesteps(config: TeacherConfig) -> list[int]:
     return scoring_timesteps(config.scoring_timesteps)
 
 
 def unlearning_deltas(
-    bundle: DiffusionBundle, modules: Mapping[str, nn.Module], factors: ekfac.EkfacFactors, batch: QueryBatch, config: TeacherConfig
+    bundle: DiffusionBundle,
+    modules: Mapping[str, nn.Module],
+    factors: ekfac.EkfacFactors,
+    batch: QueryBatch,
+    config: TeacherConfig,
+    query_seed: int | None = None,
 ) -> list[unlearning.UnlearningStep]:
+    """One unlearning step per query; its draws come from ``query_seed`` (default: the config's seed)."""
+    seed = config.seed if query_seed is None else query_seed
     steps = []
     for row, query_id in enumerate(batch.query_ids):
         grad = unlearning.query_gradient(
-            bundle, modules, batch.samples[row], batch.prompt_states[row], query_id, config.query_draws, config.seed
+            bundle, modules, batch.samples[row], batch.prompt_states[row], query_id, config.query_draws, seed
         )
         steps.append(unlearning.unlearning_step(factors, grad, config.relative_step, modules, config.damping_factor))
     return steps
@@ -68,7 +87,7 @@ def finite_scores(
     modules: Mapping[str, nn.Module],
     steps: Sequence[unlearning.UnlearningStep],
     batch: QueryBatch,
-    items: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    items: FiniteItems,
     config: TeacherConfig,
 ) -> dict[int, np.ndarray]:
     """τ = L(z, θ′) − L(z, θ0) of each query's candidates; ``items(ids)`` gives (images, prompt states,
@@ -96,3 +115,87 @@ def score_rows(scores: dict[int, np.ndarray], batch: QueryBatch) -> pl.DataFrame
             )
         )
     return pl.concat(frames)
+
+
+@dataclass
+class Teacher:
+    """AbU+ for query batches in either mode. The training-side data each mode needs (stored G_z for first
+    order; images, prompt states and baseline losses for finite) is loaded on first use only, so a check
+    that compares the modes costs nothing unless it runs."""
+
+    bundle: DiffusionBundle
+    modules: Mapping[str, nn.Module]
+    factors: ekfac.EkfacFactors
+    config: TeacherConfig
+    load_side: Callable[[], unlearning.TrainingSide] = field(repr=False)
+    finite_items: FiniteItems = field(repr=False)
+
+    @cached_property
+    def side(self) -> unlearning.TrainingSide:
+        return self.load_side()
+
+    def deltas(self, batch: QueryBatch, query_seed: int | None = None) -> list[unlearning.UnlearningStep]:
+        return unlearning_deltas(self.bundle, self.modules, self.factors, batch, self.config, query_seed)
+
+    def scores(self, steps: Sequence[unlearning.UnlearningStep], batch: QueryBatch, mode: str | None = None) -> dict[int, np.ndarray]:
+        mode = mode or self.config.mode
+        if mode == "first_order":
+            return first_order_scores(self.side, steps, batch)
+        if mode == "finite":
+            return finite_scores(self.bundle, self.modules, steps, batch, self.finite_items, self.config)
+        raise ValueError(f"teacher mode must be one of {', '.join(MODES)}, got {mode!r}")
+
+    def whole_training_set(self, batch: QueryBatch) -> QueryBatch:
+        """The batch with every training image as every query's candidate: first order scores them all for
+        about the cost of the candidates, so evaluation queries get full rankings (no candidate-recall limit)."""
+        every = sorted(self.side.item_ids)
+        return QueryBatch(batch.query_ids, batch.samples, batch.prompt_states, {q: every for q in batch.query_ids})
+
+
+def select_queries(batch: QueryBatch, query_ids: Sequence[int]) -> QueryBatch:
+    rows = [batch.query_ids.index(q) for q in query_ids]
+    return QueryBatch(list(query_ids), batch.samples[rows], batch.prompt_states[rows], {q: batch.candidates[q] for q in query_ids})
+
+
+def restrict(scores: dict[int, np.ndarray], batch: QueryBatch, candidates: Mapping[int, Sequence[int]]) -> dict[int, np.ndarray]:
+    """Scores of ``batch`` (one array per query, in its candidate order) on the ``candidates`` subsets."""
+    out = {}
+    for query_id, ids in candidates.items():
+        position = {item: i for i, item in enumerate(batch.candidates[query_id])}
+        out[query_id] = scores[query_id][[position[item] for item in ids]]
+    return out
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation (scores are continuous, so ties are not handled specially)."""
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How two teachers rank the same candidates: per query, Spearman and the overlap of their top ``top``."""
+
+    spearman: dict[int, float]
+    top_overlap: dict[int, float]
+    top: int
+
+    def summary(self) -> dict[str, float]:
+        rho, overlap = list(self.spearman.values()), list(self.top_overlap.values())
+        return {
+            "queries": len(rho),
+            "spearman_mean": float(np.mean(rho)),
+            "spearman_min": float(np.min(rho)),
+            f"top{self.top}_overlap_mean": float(np.mean(overlap)),
+        }
+
+
+def agreement(reference: Mapping[int, np.ndarray], other: Mapping[int, np.ndarray], top: int = 50) -> Agreement:
+    rho, overlap = {}, {}
+    for query_id, a in reference.items():
+        b = other[query_id]
+        n = min(top, len(a))
+        best_a, best_b = set(np.argsort(-a)[:n].tolist()), set(np.argsort(-b)[:n].tolist())
+        rho[query_id] = spearman(a, b)
+        overlap[query_id] = len(best_a & best_b) / n
+    return Agreement(rho, overlap, top)

@@ -13,8 +13,21 @@ from gda.home import Home
 from gda.profiles import profile_values
 from gda_assets.corpus import build_training_images, demo_corpus, shard_sensor
 from gda_assets.features import image_features, text_features
-from gda_assets.jobs import baseline_job, demo_corpus_job, ingest_job, model_job, query_batch_job, shard_job, teacher_job, teacher_shard_job
+from gda_assets.jobs import (
+    baseline_job,
+    demo_corpus_job,
+    embedding_job,
+    index_job,
+    ingest_job,
+    model_job,
+    query_batch_job,
+    shard_job,
+    student_job,
+    teacher_job,
+    teacher_shard_job,
+)
 from gda_assets.model import build_query_prompts, diffusion_model, generated_queries, query_features
+from gda_assets.student import attribution_embedder, attribution_index, training_embeddings
 from gda_assets.teacher import abu_scores, baseline_losses, dino_candidates, ekfac_factors, training_gradients
 from resources import (
     ArrayIOManager,
@@ -24,7 +37,9 @@ from resources import (
     DemoCorpusSource,
     DiffusionSource,
     Encoders,
+    IndexSettings,
     QueryPlan,
+    StudentSettings,
     TeacherSettings,
     Warehouse,
 )
@@ -42,6 +57,8 @@ def build_resources(home: Home, profile: str, shards: Path | None) -> dict[str, 
         "diffusion": DiffusionSource(**values["diffusion"]),
         "query_plan": QueryPlan(**values["query_plan"]),
         "teacher": TeacherSettings(**values["teacher"]),
+        "student": StudentSettings(**values["student"]),
+        "index": IndexSettings(**values.get("index", {})),
         "artifacts": Artifacts(root=str(home.artifacts)),
         "warehouse": Warehouse(database=str(home.duckdb_path)),
         "warehouse_io": DuckDBPolarsIOManager(database=str(home.duckdb_path), schema=tables.SCHEMA),
@@ -73,8 +90,14 @@ def build_defs(
         training_gradients,
         baseline_losses,
         abu_scores,
+        attribution_embedder,
+        training_embeddings,
+        attribution_index,
     ]
-    jobs: list[Any] = [shard_job, ingest_job, model_job, query_batch_job, teacher_shard_job, teacher_job, baseline_job]
+    jobs: list[Any] = [
+        shard_job, ingest_job, model_job, query_batch_job, teacher_shard_job, teacher_job, baseline_job,
+        student_job, embedding_job, index_job,
+    ]
     if embedded:
         assets.insert(0, demo_corpus)
         jobs.append(demo_corpus_job)

@@ -51,3 +51,21 @@ baseline_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets("baseline_losses"),
     description="L(z, theta0) of one shard on the scoring draws, for the finite teacher mode.",
 )
+
+student_job = dg.define_asset_job(
+    "student_job",
+    selection=dg.AssetSelection.assets("attribution_embedder"),
+    description="Distil the teacher's scores into the attribution embedder.",
+)
+
+embedding_job = dg.define_asset_job(
+    "embedding_job",
+    selection=dg.AssetSelection.assets("training_embeddings"),
+    description="Embed one shard's training images with the current embedder.",
+)
+
+index_job = dg.define_asset_job(
+    "index_job",
+    selection=dg.AssetSelection.assets("attribution_index"),
+    description="Add new shards' embeddings to the FAISS attribution index (or rebuild it for a new embedder).",
+)

@@ -1,6 +1,5 @@
 """Model assets: the text-to-image model, the query prompts, the generated queries and their features."""
 
-import base64
 import hashlib
 import shutil
 import time
@@ -12,15 +11,12 @@ import polars as pl
 
 from gda import features, plots, tables
 from gda.diffusion.card import ModelCard, corpus_fingerprint, read_card, weights_dir, weights_version, write_card
+from gda_assets.metadata import png_markdown
 from gda_assets.checks import Partition, column_schema, table_check_results, table_check_specs
 from gda_assets.partitions import query_batch_partitions
 from resources import Artifacts, Compute, CorpusSource, DemoCorpusSource, DiffusionSource, Encoders, QueryPlan, Warehouse
 
 PREVIEW_PROMPTS = 16
-
-
-def _png_markdown(png: bytes, alt: str) -> dg.MetadataValue:
-    return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})")
 
 
 def load_bundle(artifacts: Artifacts, device: str):
@@ -111,12 +107,12 @@ def diffusion_model(
         "corpus_fingerprint": fingerprint,
         "parameters": sum(p.numel() for p in bundle.unet.parameters()),
         "wall_seconds": round(time.perf_counter() - started, 1),
-        "samples": _png_markdown(grid, "samples"),
+        "samples": png_markdown(grid, "samples"),
         "model_card": dg.MetadataValue.path(str(artifacts.path("diffusion_model") / "model_card.json")),
     }
     if card.loss_curve:
         curve = plots.line_plot_png({"train loss": card.loss_curve}, "training loss", "logged interval", "loss", log_y=True)
-        metadata["loss_curve"] = _png_markdown(curve, "training loss")
+        metadata["loss_curve"] = png_markdown(curve, "training loss")
         metadata["train_seconds"] = round(card.train_seconds or 0.0, 1)
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(card.version))
 
@@ -222,7 +218,7 @@ def generated_queries(
         metadata |= {"fg_accuracy": accuracy.fg, "bg_accuracy": accuracy.bg, "both_accuracy": accuracy.both, "colour_scored": accuracy.n}
     labels = [f"{q}: {p}" for q, p in zip(prompts["query_id"].to_list(), prompts["prompt"].to_list())]
     gallery = plots.image_grid_png([image for image in result.images.permute(0, 2, 3, 1).cpu().numpy()[:32]], labels[:32])
-    metadata["gallery"] = _png_markdown(gallery, f"generated queries {batch}")
+    metadata["gallery"] = png_markdown(gallery, f"generated queries {batch}")
     yield dg.Output(frame, metadata=metadata)
     yield from table_check_results(warehouse, "generated_queries", frame.height, Partition("batch", batch))
 

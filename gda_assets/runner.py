@@ -100,6 +100,12 @@ def demo(home: Home, profile: str | None = None, shards_dir: Path | None = None,
         failed = [k for k, ok in teacher_shards.items() if not ok]
         raise RuntimeError(f"teacher data failed for shards {failed}; open their runs in the UI (gda ui)")
     scored = _run_partitions(instance, defs, "teacher_job", [k for k, ok in batches.items() if ok])
+    _run(instance, defs, "student_job")
+    embedded = _run_partitions(instance, defs, "embedding_job", [p.stem for p in paths])
+    if not all(embedded.values()):
+        failed = [k for k, ok in embedded.items() if not ok]
+        raise RuntimeError(f"training embeddings failed for shards {failed}; open their runs in the UI (gda ui)")
+    _run(instance, defs, "index_job")
     return DemoReport(shards=shard_reports, query_batches=batches, scored_batches=scored)
 
 

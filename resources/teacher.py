@@ -1,6 +1,7 @@
 """How the AbU+ teacher collects attributions: candidate counts, negatives, draws and the step size."""
 
 import dagster as dg
+from pydantic import Field
 
 
 class TeacherSettings(dg.ConfigurableResource):
@@ -13,6 +14,13 @@ class TeacherSettings(dg.ConfigurableResource):
     damping_factor: float = 0.1  # lambda = damping_factor x mean corrected eigenvalue, per module
     batch_size: int = 32
     mode: str = "first_order"  # or "finite": a real parameter step and two loss evaluations per candidate
+    # Query splits whose queries the first-order teacher ranks against every training image, not only their
+    # DINO candidates: evaluation then has no candidate-recall limit.
+    full_ranking_splits: list[str] = ["test"]
+    # Queries per batch on which the checks recompute the other mode and another query-draw seed, over
+    # their nearest agreement_candidates DINO candidates (the finite side costs a UNet pass per candidate).
+    agreement_queries: int = Field(default=1, ge=1)
+    agreement_candidates: int = Field(default=100, ge=2)
     relative_step: float = 1e-3  # ||delta theta|| / ||theta0|| of the unlearning step
     query_draws: int = 64  # (t, eps) draws averaged into the unlearning gradient of a query
     scoring_timesteps: int = 20  # fixed draws per training image: t = 0, 50, ..., 950 for 20

@@ -28,6 +28,10 @@ SELECT id, shard, key, captions, sha256 FROM training_images ORDER BY id;
 -- The prompts of one query batch, in query order.
 SELECT query_id, prompt, seed, extra FROM query_prompts WHERE batch = ? ORDER BY query_id;
 
+-- name: batch_splits
+-- The split(s) the prompts of one query batch belong to.
+SELECT DISTINCT split FROM query_prompts WHERE batch = ? ORDER BY split;
+
 -- name: batch_queries
 -- The generated queries of one batch, in query order.
 SELECT query_id, prompt, image_path FROM generated_queries WHERE batch = ? ORDER BY query_id;
@@ -40,8 +44,48 @@ SELECT query_id, train_id FROM dino_candidates WHERE batch = ? AND kind = 'candi
 -- One shard's images with the caption the teacher scores them with.
 SELECT id, shard, key, captions FROM training_images WHERE shard = ? ORDER BY id;
 
+-- name: training_items_by_id
+-- Training images by id (any order; callers reorder), with the caption the teacher scores them with.
+SELECT id, shard, key, captions FROM training_images WHERE list_contains(?, id);
+
+-- name: student_scores
+-- The teacher's rankings of train- and val-split queries: the student's labels and its validation.
+SELECT s.query_id, s.train_id, s.rank, s.n_candidates, q.split
+FROM abu_scores s JOIN query_prompts q USING (query_id)
+WHERE q.split IN ('train', 'val') ORDER BY s.query_id, s.rank;
+
 -- name: top_attributions
 -- The most influential training images of a query by the AbU+ teacher, with their captions and sources.
 SELECT s.rank, s.train_id, s.score, t.caption, t.url, t.license
 FROM abu_scores s JOIN training_images t ON t.id = s.train_id
 WHERE s.query_id = ? ORDER BY s.rank LIMIT ?;
+
+-- name: serving_metadata
+-- What the query service joins onto an answer, and where each training image's bytes are.
+SELECT id, shard, key, caption, url, license, image_format FROM training_images ORDER BY id;
+
+-- name: attributions_for_image
+-- Every logged answer for one query image, by its sha256 (the answer reports it): the credited training
+-- images best first, with their captions and sources. Parameter: image sha256.
+SELECT logged_at, interface, prompt, rank, train_id, score, caption, url, license,
+       model_version, embedder_version, index_version
+FROM attribution_results WHERE image_sha256 = ? ORDER BY logged_at, log_id, rank;
+
+-- name: attributions_for_prompt
+-- Every logged answer for one prompt (exact text), as attributions_for_image. Parameter: prompt.
+SELECT logged_at, interface, image_sha256, rank, train_id, score, caption, url, license,
+       model_version, embedder_version, index_version
+FROM attribution_results WHERE prompt = ? ORDER BY logged_at, log_id, rank;
+
+-- name: source_attribution_counts
+-- How often each source (url, license) was credited in answers logged in [from, to), most often first.
+-- Parameters: from, to (UTC timestamps).
+SELECT url, license, count(*) AS attributions, count(DISTINCT log_id) AS answers, min(rank) AS best_rank
+FROM attribution_results WHERE logged_at >= ? AND logged_at < ?
+GROUP BY url, license ORDER BY attributions DESC, url, license;
+
+-- name: versions_served
+-- Which model, embedder and index versions answered queries: how many answers, first and last.
+SELECT model_version, embedder_version, index_version, count(*) AS answers,
+       min(logged_at) AS first_served, max(logged_at) AS last_served
+FROM attribution_log GROUP BY model_version, embedder_version, index_version ORDER BY first_served;

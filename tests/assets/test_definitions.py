@@ -38,6 +38,9 @@ def test_definitions_validate(tmp_path: Path) -> None:
         "training_gradients": "teacher",
         "baseline_losses": "teacher",
         "abu_scores": "teacher",
+        "attribution_embedder": "student",
+        "training_embeddings": "student",
+        "attribution_index": "student",
     }
 
 
@@ -72,7 +75,12 @@ def test_blocking_checks_cover_every_table(tmp_path: Path) -> None:
     assert ("training_images", "unique_ids") in checks
     assert ("generated_queries", "every_prompt_generated") in checks
     assert ("query_prompts", "conforms_to_schema") in checks
-    assert all(graph.get_check_spec(k).blocking for k in graph.asset_check_keys)
+    # Every check of stored rows blocks; the two that measure the teacher against itself only warn.
+    measuring = {("abu_scores", "modes_agree"), ("abu_scores", "reseeded_agree")}
+    assert measuring <= checks
+    for key in graph.asset_check_keys:
+        blocking = graph.get_check_spec(key).blocking
+        assert blocking != ((key.asset_key.to_user_string(), key.name) in measuring), key
 
 
 def test_dagster_cli_validates_the_code_location(tmp_path: Path) -> None:

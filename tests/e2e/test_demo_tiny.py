@@ -35,9 +35,9 @@ def demo_home(tmp_path_factory: pytest.TempPathFactory) -> Home:
     return home
 
 
-def _query(home: Home, sql: str) -> list[tuple]:
+def _query(home: Home, sql: str, params: list | None = None) -> list[tuple]:
     with duckdb.connect(str(home.duckdb_path), read_only=True) as con:
-        return con.execute(sql).fetchall()
+        return con.execute(sql, params or []).fetchall()
 
 
 def test_demo_fills_tables_and_feature_files(demo_home: Home) -> None:
@@ -172,9 +172,24 @@ def test_a_shipped_checkpoint_for_this_corpus_is_used_instead_of_training(demo_h
 
 
 def test_abu_scores_rank_every_candidate_of_every_query(demo_home: Home) -> None:
-    rows = _query(demo_home, "SELECT mode, count(*), count(DISTINCT query_id) FROM abu_scores GROUP BY mode")
+    rows = _query(
+        demo_home,
+        "SELECT q.split, s.mode, count(*), count(DISTINCT s.query_id), min(s.n_candidates), max(s.n_candidates) "
+        "FROM abu_scores s JOIN query_prompts q USING (query_id) GROUP BY ALL ORDER BY 1",
+    )
     k = profile_values("tiny")["teacher"]["k_candidates"]
-    assert rows == [("first_order", 28 * k, 28)]
+    [(n,)] = _query(demo_home, "SELECT count(*) FROM training_images")
+    # Test queries are ranked against the whole training set; the others against their DINO candidates.
+    assert rows == [
+        ("test", "first_order", 8 * n, 8, n, n),
+        ("train", "first_order", 16 * k, 16, k, k),
+        ("val", "first_order", 4 * k, 4, k, k),
+    ]
+    assert _query(
+        demo_home,
+        "SELECT count(*) FROM (SELECT query_id FROM abu_scores WHERE batch LIKE 'test-%' GROUP BY query_id "
+        "HAVING count(DISTINCT train_id) <> (SELECT count(*) FROM training_images))",
+    ) == [(0,)]
     unscored = _query(
         demo_home,
         "SELECT count(*) FROM dino_candidates c ANTI JOIN abu_scores s USING (query_id, train_id) WHERE c.kind = 'candidate'",
@@ -192,6 +207,42 @@ def test_abu_scores_rank_every_candidate_of_every_query(demo_home: Home) -> None
     assert [r[0] for r in top] == [0, 1, 2, 3, 4] and all(r[3] for r in top)
 
 
+def _check_metadata(home: Home, asset: str, check: str) -> tuple[bool, dict]:
+    record = open_instance(home).event_log_storage.get_latest_asset_check_execution_by_key(
+        [dg.AssetCheckKey(dg.AssetKey(asset), check)]
+    )
+    evaluation = next(iter(record.values())).event.dagster_event.event_specific_data
+    return evaluation.passed, {key: value.value for key, value in evaluation.metadata.items()}
+
+
+def test_teacher_checks_compare_the_modes_and_another_draw_seed(demo_home: Home) -> None:
+    passed, modes = _check_metadata(demo_home, "abu_scores", "modes_agree")
+    assert modes["queries"] == 1 and modes["compared"] == "first_order vs finite"
+    assert modes["spearman_min"] >= 0.95 and passed
+    passed, reseeded = _check_metadata(demo_home, "abu_scores", "reseeded_agree")
+    assert reseeded["queries"] == 1 and reseeded["compared"].startswith("query draws seeded 1 vs")
+    # Another seed is a different estimate of the same ranking: related, yet not identical.
+    assert -1 <= reseeded["spearman_min"] < 1 and 0 <= reseeded["top50_overlap_mean"] <= 1
+    assert passed == (reseeded["spearman_min"] >= reseeded["min_spearman_required"])
+
+
+def test_teacher_benchmark_measures_both_modes_and_kronfluence(demo_home: Home, tmp_path: Path) -> None:
+    out = tmp_path / "teacher.json"
+    assert main(["bench", "teacher", "--home", str(demo_home.root), "--profile", "tiny", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    [(n,)] = _query(demo_home, "SELECT count(*) FROM training_images")
+    assert result["training_images"] == n and result["k_candidates"] == profile_values("tiny")["teacher"]["k_candidates"]
+    spq = result["seconds_per_query"]
+    assert 0 < spq["unlearning_step"] < spq["first_order_k"] <= spq["first_order_whole_set"]
+    assert spq["finite_k"] > spq["unlearning_step"] and result["finite_candidate_evaluations_per_s"] > 0
+    fit = result["ekfac_fit"]
+    assert fit["images"] == n and fit["ours_seconds"] > 0
+    pytest.importorskip("kronfluence")
+    # The same model, items and draws fitted by kronfluence give the same corrected eigenvalues.
+    assert fit["kronfluence_seconds"] > 0 and fit["lambda_max_relative_difference"] < 1e-3
+    assert result["agreement"]["first_order_vs_finite"]["queries"] == 4
+
+
 def test_finite_teacher_mode_scores_the_same_candidates(demo_home: Home) -> None:
     values = profile_values("tiny")["teacher"]
     defs = build_defs(home=demo_home, profile="tiny", overrides={"teacher": TeacherSettings(**{**values, "mode": "finite"})})
@@ -204,3 +255,39 @@ def test_finite_teacher_mode_scores_the_same_candidates(demo_home: Home) -> None
     assert rows == [("finite", 4 * k, 4 * k)]
     baseline = arrays.load(demo_home.artifacts / "baseline_losses" / "00000.safetensors")
     assert baseline.values.shape == (120, 2) and (baseline.values > 0).all()
+
+
+def test_the_student_embeds_every_training_image_into_the_index(demo_home: Home) -> None:
+    from gda.attribution_index import INDEX_FILE, load_index
+    from gda.embedder import load_embedder
+
+    embedder = load_embedder(demo_home.artifacts / "attribution_embedder")
+    assert embedder.config.widths == tuple(profile_values("tiny")["student"]["widths"])
+    index = load_index(demo_home.artifacts / "attribution_index" / INDEX_FILE)
+    [(n,)] = _query(demo_home, "SELECT count(*) FROM training_images")
+    assert index.manifest.embedder_version == embedder.version
+    assert sorted(index.manifest.shards) == ["00000", "00001"] and index.manifest.count == index.faiss_index.ntotal == n
+    for shard in ("00000", "00001"):
+        array = arrays.load(demo_home.artifacts / "training_embeddings" / f"{shard}.safetensors")
+        assert array.metadata["embedder_version"] == embedder.version
+        assert np.allclose(np.linalg.norm(array.values, axis=1), 1.0, atol=1e-5)
+
+
+def test_query_a_generated_test_image_through_the_cli(demo_home: Home, capsys: pytest.CaptureFixture[str]) -> None:
+    [(query_id, prompt, image_path)] = _query(
+        demo_home,
+        "SELECT g.query_id, g.prompt, g.image_path FROM generated_queries g JOIN query_prompts q USING (query_id) "
+        "WHERE q.split = 'test' ORDER BY g.query_id LIMIT 1",
+    )
+    capsys.readouterr()
+    argv = ["query", "--home", str(demo_home.root), "--profile", "tiny", "--image", str(demo_home.artifacts / image_path),
+            "--prompt", prompt, "--top-k", "5", "--json"]
+    assert main(argv) == 0
+    answer = json.loads(capsys.readouterr().out)
+    ids = [r["train_id"] for r in answer["results"]]
+    assert len(ids) == 5 and len(set(ids)) == 5
+    assert [r["score"] for r in answer["results"]] == sorted((r["score"] for r in answer["results"]), reverse=True)
+    [(logged_ids, embedder_version)] = _query(
+        demo_home, "SELECT train_ids, embedder_version FROM attribution_log WHERE prompt = ? AND interface = 'cli'", [prompt]
+    )
+    assert logged_ids == ids and embedder_version == answer["versions"]["embedder"]

@@ -1,0 +1,27 @@
+"""How the teacher is distilled into the embedder, and how its embeddings are indexed for search."""
+
+import dagster as dg
+from pydantic import Field
+
+
+class StudentSettings(dg.ConfigurableResource):
+    # Hidden widths, then the output width (paper: 768, 768, 768, 768 on 1280-d DINO + CLIP features).
+    widths: list[int] = [768, 768, 768, 768]
+    dropout: float = 0.1
+    # L2-normalise the image and text parts before concatenation (the paper concatenates raw, where the
+    # larger image part dominated in a prototype).
+    normalise_parts: bool = True
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    batch_size: int = 4096
+    epochs: int = 10
+    seed: int = 0
+    p_negative: float = Field(default=0.1, ge=0.0, lt=1.0)  # pairs replaced by a random non-candidate, label 1
+    per_query: int | None = None  # candidates kept per training query (None: all of them)
+    val_fraction_l: float = 0.01  # validation mAP positives: this fraction of the training set
+
+
+class IndexSettings(dg.ConfigurableResource):
+    ivf_above: int = 200_000  # training images beyond which an IVF index replaces the exact flat one
+    nlist: int = 1024
+    nprobe: int = 32
