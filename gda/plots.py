@@ -1,4 +1,4 @@
-"""PNG figures for asset metadata and reports: loss curves and labelled image grids.
+"""PNG figures for asset metadata and reports: loss curves, grouped bar charts and labelled image grids.
 
 matplotlib with the Agg backend (no display); imported inside the functions so that importing gda
 modules that mention plots stays cheap.
@@ -55,6 +55,31 @@ def image_grid_png(images: Sequence[np.ndarray], labels: Sequence[str], columns:
             axis.set_title(textwrap.shorten(labels[index], 72), fontsize=5, wrap=True)
     if title:
         figure.suptitle(title, fontsize=9)
+    try:
+        return _png(figure)
+    finally:
+        plt.close(figure)
+
+
+def grouped_bars_png(
+    values: dict[str, dict[str, float]], errors: dict[str, dict[str, float]], title: str, ylabel: str
+) -> bytes:
+    """Bars per group (outer key, e.g. L) and series (inner key, e.g. method), with error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    groups = list(values)
+    series = list(next(iter(values.values())))
+    width = 0.8 / len(series)
+    figure, axes = plt.subplots(figsize=(7, 3.5))
+    for position, name in enumerate(series):
+        x = np.arange(len(groups)) + (position - (len(series) - 1) / 2) * width
+        axes.bar(x, [values[g][name] for g in groups], width, yerr=[errors[g][name] for g in groups], label=name, capsize=2)
+    axes.set_xticks(np.arange(len(groups)), groups)
+    axes.set(title=title, ylabel=ylabel)
+    axes.legend(fontsize=7, ncols=3)
     try:
         return _png(figure)
     finally:

@@ -44,23 +44,33 @@ class Distillation:
     L: int  # positives per validation query for the validation mAP
 
 
+def top_of_rankings(scores: pl.DataFrame, top_k: int) -> pl.DataFrame:
+    """Each query's ``top_k`` best-ranked rows, labelled against ``top_k`` (rank / top_k): the student learns
+    the top of the teacher's ranking; uniform positions over a full ranking rarely show it the top, which
+    a prototype found much worse. Rankings no longer than ``top_k`` are unchanged."""
+    return scores.filter(pl.col("rank") < top_k).with_columns(
+        n_candidates=pl.min_horizontal(pl.col("n_candidates"), pl.lit(top_k)).cast(pl.Int32)
+    )
+
+
 def distill(
     config: EmbedderConfig,
     scores: pl.DataFrame,
     train: tuple[np.ndarray, np.ndarray],
     queries: tuple[np.ndarray, np.ndarray],
+    top_k: int,
     p_negative: float,
     per_query: int | None,
     val_fraction_l: float,
     progress: bool = False,
 ) -> Distillation:
-    """Train the embedder on the teacher rows of ``scores`` whose ``split`` is ``train``, validating on those
-    of ``val`` (mAP at L = ``val_fraction_l`` of the training set, at least 1). ``train`` and ``queries`` are
-    (ids, feature rows) from `feature_matrix`."""
+    """Train the embedder on the top ``top_k`` teacher rows of each query whose ``split`` is ``train``,
+    validating on the whole stored rankings of the ``val`` queries (mAP at L = ``val_fraction_l`` of the
+    training set, at least 1). ``train`` and ``queries`` are (ids, feature rows) from `feature_matrix`."""
     train_ids, train_features = train
     query_ids, query_features = queries
     rng = np.random.default_rng(config.seed)
-    fitting = scores.filter(pl.col("split") == "train")
+    fitting = top_of_rankings(scores.filter(pl.col("split") == "train"), top_k)
     if fitting.is_empty():
         raise ValueError("no teacher scores for train-split queries; materialize abu_scores for the train batches")
     pairs = to_rows(training_pairs(fitting, train_ids, rng, p_negative, per_query), query_ids, train_ids)

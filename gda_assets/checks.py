@@ -88,6 +88,19 @@ INVARIANTS: dict[str, list[Invariant]] = {
             "max(n_candidates) AS k FROM {table} {where} GROUP BY query_id) WHERE lo <> 0 OR hi <> n - 1 OR d <> n OR k <> n",
         ),
     ],
+    "eval_rank": [
+        (
+            "map_is_a_fraction",
+            "Every mAP lies in [0, 1] with a finite, non-negative standard error.",
+            "SELECT count(*) FROM {table} WHERE NOT (map BETWEEN 0 AND 1) OR NOT isfinite(se) OR se < 0",
+        ),
+        (
+            "every_method_at_every_level",
+            "Each method has one row per L and all rows cover the same test queries.",
+            "SELECT (SELECT count(*) FROM {table}) - (SELECT count(DISTINCT method) * count(DISTINCT L) FROM {table}) "
+            "+ (SELECT count(DISTINCT n_queries) - 1 FROM {table})",
+        ),
+    ],
     "generated_queries": [
         (
             "every_prompt_generated",
@@ -112,17 +125,19 @@ def column_schema(table: str) -> dg.TableSchema:
     )
 
 
-def table_check_specs(table: str) -> list[dg.AssetCheckSpec]:
+def table_check_specs(table: str, asset: str | None = None) -> list[dg.AssetCheckSpec]:
+    """The checks of ``table``, on the asset that writes it (named like the table unless ``asset`` says)."""
+    asset = asset or table
     specs = [
         dg.AssetCheckSpec(
             SCHEMA_CHECK,
-            asset=table,
+            asset=asset,
             blocking=True,
             description="Stored columns and types equal sql/schema.sql; NOT NULL columns hold no nulls; "
             "the partition holds exactly the rows written.",
         )
     ]
-    specs += [dg.AssetCheckSpec(name, asset=table, blocking=True, description=text) for name, text, _ in INVARIANTS.get(table, [])]
+    specs += [dg.AssetCheckSpec(name, asset=asset, blocking=True, description=text) for name, text, _ in INVARIANTS.get(table, [])]
     return specs
 
 
@@ -142,7 +157,7 @@ class Partition:
         return [self.key] * sql.count("?") if self.column else []
 
 
-def _schema_result(warehouse: Warehouse, table: str, part: Partition, expected_rows: int) -> dg.AssetCheckResult:
+def _schema_result(warehouse: Warehouse, table: str, asset: str, part: Partition, expected_rows: int) -> dg.AssetCheckResult:
     declared = [(c.name, c.type) for c in tables.columns(table)]
     stored = warehouse.query(
         "SELECT column_name, data_type FROM duckdb_columns() WHERE schema_name = ? AND table_name = ? "
@@ -166,7 +181,7 @@ def _schema_result(warehouse: Warehouse, table: str, part: Partition, expected_r
             problems.append(f"{'partition' if part.column else 'table'} holds {rows} rows, {expected_rows} were written")
     return dg.AssetCheckResult(
         check_name=SCHEMA_CHECK,
-        asset_key=table,
+        asset_key=asset,
         passed=not problems,
         description="; ".join(problems) or None,
         metadata={"rows": expected_rows},
@@ -174,16 +189,17 @@ def _schema_result(warehouse: Warehouse, table: str, part: Partition, expected_r
 
 
 def table_check_results(
-    warehouse: Warehouse, table: str, expected_rows: int, part: Partition = Partition()
+    warehouse: Warehouse, table: str, expected_rows: int, part: Partition = Partition(), asset: str | None = None
 ) -> list[dg.AssetCheckResult]:
-    """Evaluate every check of ``table_check_specs(table)`` against the stored rows of ``part``."""
-    results = [_schema_result(warehouse, table, part, expected_rows)]
+    """Evaluate every check of ``table_check_specs(table, asset)`` against the stored rows of ``part``."""
+    asset = asset or table
+    results = [_schema_result(warehouse, table, asset, part, expected_rows)]
     for name, _, template in INVARIANTS.get(table, []):
         sql = template.format(table=f"{tables.SCHEMA}.{table}", schema=tables.SCHEMA, where=part.where)
         violations = warehouse.query(sql, part.params(sql)).item()
         results.append(
             dg.AssetCheckResult(
-                check_name=name, asset_key=table, passed=violations == 0, metadata={"violations": violations}
+                check_name=name, asset_key=asset, passed=violations == 0, metadata={"violations": violations}
             )
         )
     return results

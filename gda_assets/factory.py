@@ -13,10 +13,12 @@ from gda.home import Home
 from gda.profiles import profile_values
 from gda_assets.corpus import build_training_images, demo_corpus, shard_sensor
 from gda_assets.features import image_features, text_features
+from gda_assets.evaluation import rank_eval
 from gda_assets.jobs import (
     baseline_job,
     demo_corpus_job,
     embedding_job,
+    evaluation_job,
     index_job,
     ingest_job,
     model_job,
@@ -37,6 +39,7 @@ from resources import (
     DemoCorpusSource,
     DiffusionSource,
     Encoders,
+    EvaluationSettings,
     IndexSettings,
     QueryPlan,
     StudentSettings,
@@ -59,6 +62,7 @@ def build_resources(home: Home, profile: str, shards: Path | None) -> dict[str, 
         "teacher": TeacherSettings(**values["teacher"]),
         "student": StudentSettings(**values["student"]),
         "index": IndexSettings(**values.get("index", {})),
+        "evaluation": EvaluationSettings(**values.get("evaluation", {})),
         "artifacts": Artifacts(root=str(home.artifacts)),
         "warehouse": Warehouse(database=str(home.duckdb_path)),
         "warehouse_io": DuckDBPolarsIOManager(database=str(home.duckdb_path), schema=tables.SCHEMA),
@@ -93,10 +97,11 @@ def build_defs(
         attribution_embedder,
         training_embeddings,
         attribution_index,
+        rank_eval,
     ]
     jobs: list[Any] = [
         shard_job, ingest_job, model_job, query_batch_job, teacher_shard_job, teacher_job, baseline_job,
-        student_job, embedding_job, index_job,
+        student_job, embedding_job, index_job, evaluation_job,
     ]
     if embedded:
         assets.insert(0, demo_corpus)

@@ -69,3 +69,9 @@ index_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets("attribution_index"),
     description="Add new shards' embeddings to the FAISS attribution index (or rebuild it for a new embedder).",
 )
+
+evaluation_job = dg.define_asset_job(
+    "evaluation_job",
+    selection=dg.AssetSelection.assets("rank_eval"),
+    description="mAP(L) of every method against the teacher on the test queries, with galleries.",
+)

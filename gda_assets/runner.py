@@ -106,6 +106,7 @@ def demo(home: Home, profile: str | None = None, shards_dir: Path | None = None,
         failed = [k for k, ok in embedded.items() if not ok]
         raise RuntimeError(f"training embeddings failed for shards {failed}; open their runs in the UI (gda ui)")
     _run(instance, defs, "index_job")
+    _run(instance, defs, "evaluation_job")
     return DemoReport(shards=shard_reports, query_batches=batches, scored_batches=scored)
 
 

@@ -58,8 +58,8 @@ def attribution_embedder(
     started = time.perf_counter()
     try:
         result = distill(
-            config, warehouse.named("student_scores"), train, queries, student.p_negative, student.per_query,
-            student.val_fraction_l,
+            config, warehouse.named("student_scores"), train, queries, student.top_k, student.p_negative,
+            student.per_query, student.val_fraction_l,
         )
     except ValueError as error:
         raise dg.Failure(str(error)) from error

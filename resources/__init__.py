@@ -6,6 +6,7 @@ from resources.compute import Compute
 from resources.corpus import CorpusSource, DemoCorpusSource
 from resources.diffusion import DiffusionSource, QueryPlan
 from resources.encoders import Encoders
+from resources.evaluation import EvaluationSettings
 from resources.student import IndexSettings, StudentSettings
 from resources.teacher import TeacherSettings
 from resources.warehouse import Warehouse
@@ -18,6 +19,7 @@ __all__ = [
     "DemoCorpusSource",
     "DiffusionSource",
     "Encoders",
+    "EvaluationSettings",
     "IndexSettings",
     "QueryPlan",
     "StudentSettings",

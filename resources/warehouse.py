@@ -1,7 +1,7 @@
 """The DuckDB warehouse: table creation from ``sql/schema.sql`` and read-only queries.
 
-Writes of asset outputs go through ``DuckDBPolarsIOManager``; this resource creates the declared tables
-first (so they carry the DDL's types and NOT NULL constraints) and answers reads with read-only
+Writes of asset outputs go through ``DuckDBPolarsIOManager`` (except ``replace_table``, for a table named
+unlike its asset); this resource creates the declared tables first (so they carry the DDL's types and NOT NULL constraints) and answers reads with read-only
 connections, which never take the single writer lock.
 """
 
@@ -22,6 +22,16 @@ class Warehouse(dg.ConfigurableResource):
     def ensure_tables(self) -> None:
         with duckdb.connect(self.database) as con:
             tables.create_tables(con)
+
+    def replace_table(self, table: str, frame: pl.DataFrame) -> None:
+        """Replace every row of ``table`` with ``frame`` in one transaction (for tables written by an asset
+        of another name, where the IO manager's table-per-asset convention does not apply)."""
+        with duckdb.connect(self.database) as con:
+            con.register("incoming", frame)
+            con.execute("BEGIN")
+            con.execute(f"DELETE FROM {tables.SCHEMA}.{table}")
+            con.execute(f"INSERT INTO {tables.SCHEMA}.{table} BY NAME SELECT * FROM incoming")
+            con.execute("COMMIT")
 
     def query(self, sql: str, params: list[Any] | None = None) -> pl.DataFrame:
         with duckdb.connect(self.database, read_only=True) as con:

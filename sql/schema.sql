@@ -110,3 +110,14 @@ FROM (
     FROM attribution_log
 ) a
 LEFT JOIN training_images t ON t.id = a.train_id;
+
+-- Rank evaluation of the held-out test queries: per method and L, the mAP of the method's ranking
+-- against the teacher's top L, over the same ranked set as the teacher. Replaced whole by rank_eval.
+CREATE TABLE IF NOT EXISTS eval_rank (
+    method VARCHAR NOT NULL,       -- random | image | text | concat_raw | distilled | teacher_reseeded
+    L INTEGER NOT NULL,            -- positives per query: the teacher's top L
+    map DOUBLE NOT NULL,           -- mean over test queries of the average precision
+    se DOUBLE NOT NULL,            -- standard error of that mean
+    n_queries INTEGER NOT NULL,
+    embedder_version VARCHAR NOT NULL
+);

@@ -41,6 +41,7 @@ def test_definitions_validate(tmp_path: Path) -> None:
         "attribution_embedder": "student",
         "training_embeddings": "student",
         "attribution_index": "student",
+        "rank_eval": "evaluation",
     }
 
 

@@ -179,15 +179,16 @@ def test_abu_scores_rank_every_candidate_of_every_query(demo_home: Home) -> None
     )
     k = profile_values("tiny")["teacher"]["k_candidates"]
     [(n,)] = _query(demo_home, "SELECT count(*) FROM training_images")
-    # Test queries are ranked against the whole training set; the others against their DINO candidates.
+    # The first-order teacher ranks every query against the whole training set, not only its K candidates.
+    assert k < n
     assert rows == [
         ("test", "first_order", 8 * n, 8, n, n),
-        ("train", "first_order", 16 * k, 16, k, k),
-        ("val", "first_order", 4 * k, 4, k, k),
+        ("train", "first_order", 16 * n, 16, n, n),
+        ("val", "first_order", 4 * n, 4, n, n),
     ]
     assert _query(
         demo_home,
-        "SELECT count(*) FROM (SELECT query_id FROM abu_scores WHERE batch LIKE 'test-%' GROUP BY query_id "
+        "SELECT count(*) FROM (SELECT query_id FROM abu_scores GROUP BY query_id "
         "HAVING count(DISTINCT train_id) <> (SELECT count(*) FROM training_images))",
     ) == [(0,)]
     unscored = _query(
@@ -287,7 +288,29 @@ def test_query_a_generated_test_image_through_the_cli(demo_home: Home, capsys: p
     ids = [r["train_id"] for r in answer["results"]]
     assert len(ids) == 5 and len(set(ids)) == 5
     assert [r["score"] for r in answer["results"]] == sorted((r["score"] for r in answer["results"]), reverse=True)
-    [(logged_ids, embedder_version)] = _query(
-        demo_home, "SELECT train_ids, embedder_version FROM attribution_log WHERE prompt = ? AND interface = 'cli'", [prompt]
+    # The demo's own sample attribution (this same first test query) and this answer, both audited.
+    logged = _query(
+        demo_home,
+        "SELECT train_ids, embedder_version FROM attribution_log WHERE prompt = ? AND interface = 'cli' ORDER BY logged_at",
+        [prompt],
     )
-    assert logged_ids == ids and embedder_version == answer["versions"]["embedder"]
+    assert len(logged) == 2 and logged[0][0][:5] == logged[1][0] == ids
+    assert logged[1][1] == answer["versions"]["embedder"]
+
+
+def test_rank_eval_scores_every_method_at_every_level_against_the_teacher(demo_home: Home) -> None:
+    from gda.evaluation import METHODS
+    from gda.retrieval_metrics import random_average_precision
+
+    rows = _query(demo_home, "SELECT method, L, map, se, n_queries FROM eval_rank ORDER BY method, L")
+    [(n,)] = _query(demo_home, "SELECT count(*) FROM training_images")
+    levels = sorted({r[1] for r in rows})
+    assert {r[0] for r in rows} == set(METHODS) and len(rows) == len(METHODS) * len(levels)
+    assert all(r[4] == 8 and 0 <= r[2] <= 1 for r in rows)
+    by = {(r[0], r[1]): r[2] for r in rows}
+    for level in levels:
+        # A random ranking scores near its analytic expectation; the reseeded teacher far above it.
+        assert abs(by["random", level] - random_average_precision(n, level)) < 0.1
+        assert by["teacher_reseeded", level] > by["random", level] + 0.1
+    passed, _ = _check_metadata(demo_home, "rank_eval", "map_is_a_fraction")
+    assert passed
