@@ -5,17 +5,42 @@ from __future__ import annotations
 
 import importlib
 import json
+import platform
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from gda.home import Home
+from gda.profiles import profile_values, resolve_profile
 
 BENCHMARKS = ("model", "teacher", "latency")
 
 
+@dataclass(frozen=True)
+class Setting:
+    """What every benchmark runs against: a home, a profile's config values, and torch's thread count."""
+
+    home: Home
+    profile: str
+    values: dict[str, Any]
+    threads: int
+
+    def header(self, name: str) -> dict[str, Any]:
+        machine = f"{platform.machine()} {platform.processor() or ''}".strip()
+        return {"benchmark": name, "profile": self.profile, "threads": self.threads, "machine": machine}
+
+
 def run(name: str, home: Path, profile: str | None) -> dict[str, Any]:
+    import torch
+
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; choose one of: {', '.join(BENCHMARKS)}")
+    profile = resolve_profile(profile)
+    values = profile_values(profile)
+    threads = values["compute"].get("threads") or torch.get_num_threads()
+    torch.set_num_threads(threads)
     module = importlib.import_module(f"bench.{name}")
-    return module.run(home, profile)
+    return module.run(Setting(Home.resolve(home), profile, values, threads))
 
 
 def table(result: dict[str, Any]) -> str:

@@ -13,7 +13,6 @@ side by side in one run, with the paper's protocol (10 warm-up queries, then at 
 
 from __future__ import annotations
 
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -21,12 +20,10 @@ from typing import Any
 
 import faiss
 import numpy as np
-import torch
 from PIL import Image
 
 from gda import arrays, index
-from gda.home import Home
-from gda.profiles import profile_values, resolve_profile
+from bench import Setting
 
 WARMUP = 10
 TIMED = 20
@@ -93,7 +90,7 @@ def _search_at_scale(real: np.ndarray, size: int) -> dict[str, Any]:
     }
 
 
-def run(home_dir: Path, profile: str | None) -> dict[str, Any]:
+def run(setting: Setting) -> dict[str, Any]:
     from gda import teacher as science
     from gda.audit import AuditLog
     from gda.queries import load_generated
@@ -102,11 +99,7 @@ def run(home_dir: Path, profile: str | None) -> dict[str, Any]:
     from gda_assets.model import load_bundle
     from gda_assets.teacher import build_teacher
 
-    profile = resolve_profile(profile)
-    values = profile_values(profile)
-    threads = values["compute"].get("threads") or torch.get_num_threads()
-    torch.set_num_threads(threads)
-    home = Home.resolve(home_dir)
+    home, profile = setting.home, setting.profile
     engine = open_engine(home, profile)
     resources = build_resources(home, profile, None)
     warehouse = resources["warehouse"]
@@ -174,10 +167,7 @@ def run(home_dir: Path, profile: str | None) -> dict[str, Any]:
     engine.close()
 
     result: dict[str, Any] = {
-        "benchmark": "latency",
-        "profile": profile,
-        "threads": threads,
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        **setting.header("latency"),
         "training_images": engine.index.manifest.count,
         "test_queries": len(queries),
         "distilled": {**distilled, "breakdown_p50_ms": {k: float(np.median(v)) for k, v in breakdown.items()}},

@@ -6,9 +6,7 @@ plus DDIM time per image and, when the home holds generated queries, how well th
 from __future__ import annotations
 
 import copy
-import platform
 import time
-from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -16,8 +14,9 @@ import torch
 
 from gda.diffusion import ScratchModelConfig, build_from_scratch, evaluate_loss, load, sample, train
 from gda.diffusion.card import read_card, weights_dir
+from bench import Setting
 from gda.home import Home
-from gda.profiles import profile_values, resolve_profile
+from gda.profiles import profile_values
 from resources.diffusion import SamplingSettings
 
 BATCH = 64
@@ -61,12 +60,8 @@ def _colour_accuracy(home: Home) -> dict[str, Any] | None:
     return {"n_queries": row[0], "fg_accuracy": row[1], "bg_accuracy": row[2], "both_accuracy": row[3], "chance": 0.125}
 
 
-def run(home_dir: Path, profile: str | None) -> dict[str, Any]:
-    profile = resolve_profile(profile)
-    values = profile_values(profile)
-    threads = values["compute"].get("threads") or torch.get_num_threads()
-    torch.set_num_threads(threads)
-    home = Home.resolve(home_dir)
+def run(setting: Setting) -> dict[str, Any]:
+    home, profile, values = setting.home, setting.profile, setting.values
     bundle, source, snr_gamma = _bundle(home, profile)
     generator = torch.Generator().manual_seed(0)
     c, h, w = bundle.sample_shape
@@ -94,11 +89,8 @@ def run(home_dir: Path, profile: str | None) -> dict[str, Any]:
     ddim_seconds = (time.perf_counter() - started) / SAMPLE_IMAGES
 
     result: dict[str, Any] = {
-        "benchmark": "model",
-        "profile": profile,
+        **setting.header("model"),
         "model_source": source,
-        "threads": threads,
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "parameters": sum(p.numel() for p in bundle.unet.parameters()),
         "sample_shape": [c, h, w],
         "batch_size": BATCH,

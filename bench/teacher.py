@@ -16,11 +16,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import platform
 import tempfile
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,8 +26,7 @@ import torch
 from gda import teacher as science
 from gda.diffusion.loss import Draws, draw_losses, make_draws
 from gda.ekfac import DiffusionItems, fit_diffusion_factors, load_factors, select_modules
-from gda.home import Home
-from gda.profiles import profile_values, resolve_profile
+from bench import Setting
 from gda.queries import load_generated
 from gda.unlearning import baseline_losses, finite_scores, training_side
 
@@ -130,16 +127,12 @@ def _timed(fn, *args, **kwargs) -> tuple[float, Any]:
     return time.perf_counter() - started, value
 
 
-def run(home_dir: Path, profile: str | None) -> dict[str, Any]:
+def run(setting: Setting) -> dict[str, Any]:
     from gda_assets.factory import build_resources
     from gda_assets.model import load_bundle
     from gda_assets.teacher import images_and_states, teacher_config, training_rows, build_teacher
 
-    profile = resolve_profile(profile)
-    values = profile_values(profile)
-    threads = values["compute"].get("threads") or torch.get_num_threads()
-    torch.set_num_threads(threads)
-    home = Home.resolve(home_dir)
+    home, profile = setting.home, setting.profile
     if not (home.artifacts / "training_gradients").is_dir() or not (home.artifacts / "ekfac_factors").is_dir():
         raise FileNotFoundError(f"{home.root} has no teacher artifacts; run `gda demo --home {home.root}` first")
     resources = build_resources(home, profile, None)
@@ -220,10 +213,7 @@ def run(home_dir: Path, profile: str | None) -> dict[str, Any]:
 
     per_query_delta = delta_seconds / n_queries
     result: dict[str, Any] = {
-        "benchmark": "teacher",
-        "profile": profile,
-        "threads": threads,
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        **setting.header("teacher"),
         "model_version": card.version,
         "training_images": len(teacher.side),
         "k_candidates": k,
