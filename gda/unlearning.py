@@ -286,6 +286,8 @@ class TrainingSide:
     uses_prompt_states: list[str]
     has_bias: dict[str, bool]
     flip: bool
+    # (n, F) L(z, θ0) on the same draws: the forward pass that gives G_z gives the baseline losses too.
+    losses: torch.Tensor
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -325,6 +327,7 @@ def training_side(
     grads: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
     inputs: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
     prompt_input = {name: True for name in modules}
+    seen: list[torch.Tensor] = []  # per batch, (items, views) losses from loss_fn
     for start in range(0, len(ids), batch_size):
         chunk = ids[start : start + batch_size]
         b = len(chunk)
@@ -335,7 +338,9 @@ def training_side(
         draws = make_draws(chunk * n_views, indices, seed, bundle.sample_shape, steps, _num_train_timesteps(bundle))
 
         def loss_fn(_: object, x0=x0, states=states, draws=draws) -> torch.Tensor:
-            return draw_losses(bundle, x0, states, draws).mean(dim=1)
+            per_item = draw_losses(bundle, x0, states, draws).mean(dim=1)
+            seen.append(per_item.detach().float().cpu().view(n_views, -1).T)
+            return per_item
 
         n, calls = ekfac._forward_backward(modules, loss_fn, None)
         batch_grads: dict[str, torch.Tensor] = {}
@@ -386,6 +391,7 @@ def training_side(
         uses_prompt_states=uses_prompt,
         has_bias={name: module.bias is not None for name, module in modules.items()},
         flip=flip,
+        losses=torch.cat(seen) if seen else torch.empty(0, n_views),
     )
 
 
@@ -477,6 +483,7 @@ def select_items(side: TrainingSide, item_ids: Sequence[int]) -> TrainingSide:
         uses_prompt_states=side.uses_prompt_states,
         has_bias=side.has_bias,
         flip=side.flip,
+        losses=side.losses[rows],
     )
 
 
@@ -491,12 +498,18 @@ def concat_sides(sides: Sequence[TrainingSide]) -> TrainingSide:
         uses_prompt_states=first.uses_prompt_states,
         has_bias=first.has_bias,
         flip=first.flip,
+        losses=torch.cat([side.losses for side in sides]),
     )
 
 
-def save_training_side(path: Path, side: TrainingSide) -> None:
-    """One safetensors file (temp name, then rename); layout facts go in its metadata."""
-    tensors = {"item_ids": torch.tensor(side.item_ids, dtype=torch.int64), "prompt_states": side.prompt_states.contiguous()}
+def save_training_side(path: Path, side: TrainingSide, provenance: Mapping[str, str] | None = None) -> None:
+    """One safetensors file (temp name, then rename); layout facts go in its metadata, with ``provenance``
+    (what made it: model version, seed, timesteps) under ``provenance/``."""
+    tensors = {
+        "item_ids": torch.tensor(side.item_ids, dtype=torch.int64),
+        "prompt_states": side.prompt_states.contiguous(),
+        "losses": side.losses.contiguous(),
+    }
     tensors |= {f"grad/{name}": value.contiguous() for name, value in side.output_grads.items()}
     tensors |= {f"input/{name}": value.contiguous() for name, value in side.inputs.items()}
     metadata = {
@@ -504,7 +517,7 @@ def save_training_side(path: Path, side: TrainingSide) -> None:
         "uses_prompt_states": json.dumps(side.uses_prompt_states),
         "has_bias": json.dumps(side.has_bias),
         "flip": json.dumps(side.flip),
-    }
+    } | {f"provenance/{key}": value for key, value in (provenance or {}).items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata=metadata)
@@ -524,4 +537,13 @@ def load_training_side(path: Path) -> TrainingSide:
         uses_prompt_states=json.loads(metadata["uses_prompt_states"]),
         has_bias=json.loads(metadata["has_bias"]),
         flip=json.loads(metadata["flip"]),
+        losses=tensors["losses"],
     )
+
+
+def stored_losses(path: Path) -> tuple[list[int], torch.Tensor, dict[str, str]]:
+    """(item ids, (n, F) baseline losses, provenance) of a saved training side, without its gradients."""
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        provenance = {k[len("provenance/"):]: v for k, v in metadata.items() if k.startswith("provenance/")}
+        return handle.get_tensor("item_ids").tolist(), handle.get_tensor("losses"), provenance

@@ -96,9 +96,12 @@ def demo(home: Home, profile: str | None = None, shards_dir: Path | None = None,
     batch_keys = sorted(instance.get_dynamic_partitions(query_batch_partitions.name))
     batches = _run_partitions(instance, defs, "query_batch_job", batch_keys)
     teacher_shards = _run_partitions(instance, defs, "teacher_shard_job", [p.stem for p in paths])
-    if not all(teacher_shards.values()):
-        failed = [k for k, ok in teacher_shards.items() if not ok]
-        raise RuntimeError(f"teacher data failed for shards {failed}; open their runs in the UI (gda ui)")
+    # Baselines come from the training-side pass just made, so they cost a file read per shard.
+    baselines = _run_partitions(instance, defs, "baseline_job", [p.stem for p in paths])
+    for label, outcome in (("teacher data", teacher_shards), ("baseline losses", baselines)):
+        if not all(outcome.values()):
+            failed = [k for k, ok in outcome.items() if not ok]
+            raise RuntimeError(f"{label} failed for shards {failed}; open their runs in the UI (gda ui)")
     scored = _run_partitions(instance, defs, "teacher_job", [k for k, ok in batches.items() if ok])
     _run(instance, defs, "student_job")
     embedded = _run_partitions(instance, defs, "embedding_job", [p.stem for p in paths])

@@ -244,6 +244,27 @@ def test_teacher_benchmark_measures_both_modes_and_kronfluence(demo_home: Home, 
     assert result["agreement"]["first_order_vs_finite"]["queries"] == 4
 
 
+def test_demo_takes_the_baselines_from_the_training_side_pass(demo_home: Home) -> None:
+    from gda.diffusion.data import load_corpus_images
+    from gda.teacher import timesteps
+    from gda.unlearning import baseline_losses
+    from gda_assets.teacher import teacher_config
+
+    settings = TeacherSettings(**profile_values("tiny")["teacher"])
+    config = teacher_config(settings)
+    bundle = load(weights_dir(demo_home.artifacts / "diffusion_model", read_card(demo_home.artifacts / "diffusion_model")))
+    for shard in ("00000", "00001"):
+        stored = arrays.load(demo_home.artifacts / "baseline_losses" / f"{shard}.safetensors")
+        with duckdb.connect(str(demo_home.duckdb_path), read_only=True) as con:
+            rows = con.execute(named_query("shard_training_items"), [shard]).pl().head(6)
+        assert stored.ids[:6].tolist() == rows["id"].to_list()
+        # An independent forward pass over the same items and draws gives the same losses.
+        images = load_corpus_images(rows, lambda s: demo_home.shards / f"{s}.tar", bundle.image_size)
+        states = bundle.text.encode_prompts(rows["captions"].list.first().to_list())
+        own = baseline_losses(bundle, images, states, rows["id"].to_list(), config.seed, timesteps(config), config.batch_size)
+        np.testing.assert_allclose(stored.values[:6], own.numpy(), rtol=1e-5, atol=1e-7)
+
+
 def test_finite_teacher_mode_scores_the_same_candidates(demo_home: Home) -> None:
     values = profile_values("tiny")["teacher"]
     defs = build_defs(home=demo_home, profile="tiny", overrides={"teacher": TeacherSettings(**{**values, "mode": "finite"})})

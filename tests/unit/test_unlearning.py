@@ -213,6 +213,11 @@ def test_scores_do_not_depend_on_batch_size_or_order(
                                    rtol=1e-5, atol=1e-6 * float(fast.abs().max()))
 
 
+def test_the_training_side_pass_gives_the_baseline_losses(side: unlearning.TrainingSide, baseline: torch.Tensor) -> None:
+    # Same draws, items and flips, and the same batch size: the forward pass of the gradients is the baseline.
+    torch.testing.assert_close(side.losses, baseline, rtol=1e-6, atol=1e-7)
+
+
 def test_baseline_once_equals_per_batch(bundle: DiffusionBundle, data: dict, baseline: torch.Tensor) -> None:
     parts = [
         unlearning.baseline_losses(bundle, data["x"][a:b], data["states"][a:b], IDS[a:b], SCORE_SEED)
@@ -244,7 +249,7 @@ def test_rank_scores() -> None:
 
 
 def test_training_side_round_trips_and_selects_rows_in_order(tmp_path: Path) -> None:
-    from gda.unlearning import TrainingSide, concat_sides, load_training_side, save_training_side, select_items
+    from gda.unlearning import TrainingSide, concat_sides, load_training_side, save_training_side, select_items, stored_losses
 
     generator = torch.Generator().manual_seed(0)
     parts = [
@@ -256,15 +261,19 @@ def test_training_side_round_trips_and_selects_rows_in_order(tmp_path: Path) -> 
             uses_prompt_states=["m.to_k"],
             has_bias={"m.to_k": False},
             flip=True,
+            losses=torch.rand(len(ids), 2, generator=generator),
         )
         for ids in ([10, 11, 12], [20, 21])
     ]
     whole = concat_sides(parts)
-    save_training_side(tmp_path / "side.safetensors", whole)
+    save_training_side(tmp_path / "side.safetensors", whole, {"model_version": "abc"})
     loaded = load_training_side(tmp_path / "side.safetensors")
+    ids, losses, provenance = stored_losses(tmp_path / "side.safetensors")
+    assert ids == [10, 11, 12, 20, 21] and torch.equal(losses, whole.losses) and provenance == {"model_version": "abc"}
     assert loaded.item_ids == [10, 11, 12, 20, 21] and loaded.flip and loaded.uses_prompt_states == ["m.to_k"]
     assert torch.equal(loaded.output_grads["m.to_k"], whole.output_grads["m.to_k"])
     picked = select_items(loaded, [21, 10])
     assert torch.equal(picked.prompt_states, torch.stack([parts[1].prompt_states[1], parts[0].prompt_states[0]]))
+    assert torch.equal(picked.losses, torch.stack([parts[1].losses[1], parts[0].losses[0]]))
     with pytest.raises(KeyError, match="no training-side gradients"):
         select_items(loaded, [99])
