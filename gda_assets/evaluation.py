@@ -10,7 +10,7 @@ from gda.arrays import IdArray
 from gda_assets.checks import column_schema, table_check_results, table_check_specs
 from gda_assets.metadata import png_markdown
 from gda_assets.model import load_bundle
-from gda_assets.partitions import shard_partitions
+from gda_assets.partitions import every_partition, shard_partitions
 from gda_assets.student import EMBEDDER
 from gda_assets.teacher import RESEED_OFFSET, build_teacher, training_rows
 from resources import Artifacts, Compute, CorpusSource, EvaluationSettings, TeacherSettings, Warehouse
@@ -71,12 +71,7 @@ def _gallery(warehouse, corpus, artifacts, teacher_rankings, distilled, queries:
 
 @dg.asset(
     group_name="evaluation",
-    ins={
-        "image_features": dg.AssetIn(partition_mapping=dg.AllPartitionMapping()),
-        "text_features": dg.AssetIn(partition_mapping=dg.AllPartitionMapping()),
-        "query_image_features": dg.AssetIn(partition_mapping=dg.AllPartitionMapping()),
-        "query_text_features": dg.AssetIn(partition_mapping=dg.AllPartitionMapping()),
-    },
+    ins=every_partition("image_features", "text_features", "query_image_features", "query_text_features"),
     deps=["abu_scores", EMBEDDER],
     kinds={"pytorch", "duckdb"},
     metadata={"dagster/column_schema": column_schema("eval_rank"), "dagster/table_name": "eval_rank"},

@@ -5,7 +5,7 @@ import dagster as dg
 
 from gda.arrays import IdArray
 from gda_assets.metadata import png_markdown
-from gda_assets.partitions import shard_partitions
+from gda_assets.partitions import every_partition, shard_partitions
 from resources import Artifacts, Compute, IndexSettings, StudentSettings, Warehouse
 
 EMBEDDER = "attribution_embedder"
@@ -14,12 +14,7 @@ INDEX = "attribution_index"
 
 @dg.asset(
     group_name="student",
-    ins={
-        "image_features": dg.AssetIn(partition_mapping=dg.AllPartitionMapping()),
-        "text_features": dg.AssetIn(partition_mapping=dg.AllPartitionMapping()),
-        "query_image_features": dg.AssetIn(partition_mapping=dg.AllPartitionMapping()),
-        "query_text_features": dg.AssetIn(partition_mapping=dg.AllPartitionMapping()),
-    },
+    ins=every_partition("image_features", "text_features", "query_image_features", "query_text_features"),
     deps=["abu_scores"],
     kinds={"pytorch", "safetensors"},
     pool="gpu",
@@ -117,7 +112,7 @@ def training_embeddings(
 
 @dg.asset(
     group_name="student",
-    ins={"training_embeddings": dg.AssetIn(partition_mapping=dg.AllPartitionMapping())},
+    ins=every_partition("training_embeddings"),
     deps=[EMBEDDER],
     kinds={"faiss"},
     description="FAISS inner-product index of every training embedding (flat, IVF above a size). A new shard "

@@ -11,17 +11,14 @@ from gda_assets.checks import Partition, column_schema, table_check_results, tab
 from gda.diffusion.card import read_card, weights_version
 from gda_assets.model import load_bundle
 from gda.teacher import TeacherConfig, timesteps
-from gda_assets.partitions import query_batch_partitions, shard_partitions
+from gda_assets.partitions import every_partition, query_batch_partitions, shard_partitions
 from resources import Artifacts, Compute, CorpusSource, TeacherSettings, Warehouse
 
 
 @dg.asset(
     group_name="teacher",
     partitions_def=query_batch_partitions,
-    ins={
-        "image_features": dg.AssetIn(partition_mapping=dg.AllPartitionMapping()),
-        "query_image_features": dg.AssetIn(),
-    },
+    ins={**every_partition("image_features"), "query_image_features": dg.AssetIn()},
     io_manager_key="warehouse_io",
     kinds={"faiss", "duckdb"},
     metadata={"partition_expr": "batch", "dagster/column_schema": column_schema("dino_candidates")},
