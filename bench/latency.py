@@ -93,11 +93,10 @@ def _search_at_scale(real: np.ndarray, size: int) -> dict[str, Any]:
 def run(setting: Setting) -> dict[str, Any]:
     from gda import teacher as science
     from gda.audit import AuditLog
-    from gda.queries import load_generated
     from gda.service import open_engine
     from gda_assets.factory import build_resources
     from gda_assets.model import load_bundle
-    from gda_assets.teacher import build_teacher
+    from gda_assets.teacher import build_teacher, candidate_batch
 
     home, profile = setting.home, setting.profile
     engine = open_engine(home, profile)
@@ -136,12 +135,11 @@ def run(setting: Setting) -> dict[str, Any]:
     # (c) the teacher on the same queries, from their generated batch files.
     bundle, _ = load_bundle(resources["artifacts"], "cpu")
     gradient_shards = sorted(p.stem for p in (home.artifacts / "training_gradients").glob("*.safetensors"))
-    teacher = build_teacher(bundle, resources["corpus"], warehouse, resources["artifacts"], resources["teacher"], gradient_shards)
+    artifacts = resources["artifacts"]
+    teacher = build_teacher(bundle, resources["corpus"], warehouse, artifacts, resources["teacher"], gradient_shards)
     batch_key = test["batch"][0]
-    generated = load_generated(home.artifacts / "generated_queries" / f"{batch_key}.safetensors")
-    pairs = warehouse.named("batch_candidates", [batch_key])
-    dino = {q: g["train_id"].to_list() for (q,), g in pairs.group_by("query_id", maintain_order=True)}
-    batch = science.QueryBatch(generated.query_ids.tolist(), generated.samples, generated.prompt_states, dino)
+    batch = candidate_batch(warehouse, artifacts, batch_key)
+    dino = batch.candidates
     teacher.side  # noqa: B018 (loaded once per process, as the asset does)
     single = [science.select_queries(batch, [q]) for q in batch.query_ids]
 

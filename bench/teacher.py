@@ -27,7 +27,6 @@ from gda import teacher as science
 from gda.diffusion.loss import Draws, draw_losses, make_draws
 from gda.ekfac import DiffusionItems, fit_diffusion_factors, load_factors, select_modules
 from bench import Setting
-from gda.queries import load_generated
 from gda.unlearning import baseline_losses, finite_scores, training_side
 
 FIT_IMAGES = 512  # training images (x one draw) for the side-by-side EK-FAC fit
@@ -130,7 +129,7 @@ def _timed(fn, *args, **kwargs) -> tuple[float, Any]:
 def run(setting: Setting) -> dict[str, Any]:
     from gda_assets.factory import build_resources
     from gda_assets.model import load_bundle
-    from gda_assets.teacher import images_and_states, teacher_config, training_rows, build_teacher
+    from gda_assets.teacher import build_teacher, candidate_batch, images_and_states, teacher_config, training_rows
 
     home, profile = setting.home, setting.profile
     if not (home.artifacts / "training_gradients").is_dir() or not (home.artifacts / "ekfac_factors").is_dir():
@@ -163,10 +162,8 @@ def run(setting: Setting) -> dict[str, Any]:
     shards = sorted(p.stem for p in (home.artifacts / "training_gradients").glob("*.safetensors"))
     teacher = build_teacher(bundle, corpus, warehouse, artifacts, settings, shards)
     batch_key = sorted(p.stem for p in (home.artifacts / "generated_queries").glob("train-*.safetensors"))[0]
-    generated = load_generated(home.artifacts / "generated_queries" / f"{batch_key}.safetensors")
-    pairs = warehouse.named("batch_candidates", [batch_key])
-    dino = {q: g["train_id"].to_list() for (q,), g in pairs.group_by("query_id", maintain_order=True)}
-    batch = science.QueryBatch(generated.query_ids.tolist(), generated.samples, generated.prompt_states, dino)
+    batch = candidate_batch(warehouse, artifacts, batch_key)
+    dino = batch.candidates
     batch = science.select_queries(batch, batch.query_ids[:RESEEDED_QUERIES])
     n_queries = len(batch.query_ids)
     k = len(next(iter(dino.values())))

@@ -253,6 +253,17 @@ def build_teacher(bundle, corpus: CorpusSource, warehouse: Warehouse, artifacts:
     )
 
 
+def candidate_batch(warehouse: Warehouse, artifacts: Artifacts, batch_key: str):
+    """A query batch's generated samples and prompt states with each query's DINO candidates, nearest first."""
+    from gda import teacher as science
+    from gda.queries import load_generated
+
+    generated = load_generated(artifacts.path("generated_queries") / f"{batch_key}.safetensors")
+    pairs = warehouse.named("batch_candidates", [batch_key])
+    dino = {q: group["train_id"].to_list() for (q,), group in pairs.group_by("query_id", maintain_order=True)}
+    return science.QueryBatch(generated.query_ids.tolist(), generated.samples, generated.prompt_states, dino)
+
+
 def _agreement_checks(model, batch, steps, scores, dino: dict[int, list[int]], n_queries: int, n_candidates: int):
     """Recompute the scores of the batch's first ``n_queries`` queries with the other mode and with another
     query-draw seed, on their nearest ``n_candidates`` DINO candidates, and say how well each agrees with
@@ -311,10 +322,10 @@ def _abu_check_specs() -> list[dg.AssetCheckSpec]:
     metadata={"partition_expr": "batch", "dagster/column_schema": column_schema("abu_scores")},
     check_specs=_abu_check_specs(),
     pool="gpu",
-    description="AbU+ scores of every DINO candidate of every query in the batch: one EK-FAC Newton step that "
-    "unlearns the exact generated sample, then τ = L(z, θ′) − L(z, θ0) (finite mode) or its linearisation "
-    "(first-order mode, the default), ranked per query. In first-order mode the queries of the "
-    "full-ranking splits (default: test) are ranked against every training image.",
+    description="AbU+ scores of every query in the batch: one EK-FAC Newton step that unlearns the exact "
+    "generated sample, then τ = L(z, θ′) − L(z, θ0) of each DINO candidate (finite mode) or its "
+    "linearisation (first-order mode, the default), ranked per query. In first-order mode the queries of "
+    "the full-ranking splits (default: all) are ranked against every training image.",
 )
 def abu_scores(
     context: dg.AssetExecutionContext, compute: Compute, corpus: CorpusSource, warehouse: Warehouse,
@@ -324,7 +335,6 @@ def abu_scores(
     import json
 
     from gda import teacher as science
-    from gda.queries import load_generated
 
     batch_key = context.partition_key
     warehouse.ensure_tables()
@@ -334,10 +344,8 @@ def abu_scores(
         model = build_teacher(bundle, corpus, warehouse, artifacts, teacher, shards)
     except ValueError as error:
         raise dg.Failure(str(error)) from error
-    generated = load_generated(artifacts.path("generated_queries") / f"{batch_key}.safetensors")
-    pairs = warehouse.named("batch_candidates", [batch_key])
-    dino = {q: group["train_id"].to_list() for (q,), group in pairs.group_by("query_id", maintain_order=True)}
-    batch = science.QueryBatch(generated.query_ids.tolist(), generated.samples, generated.prompt_states, dino)
+    batch = candidate_batch(warehouse, artifacts, batch_key)
+    dino = batch.candidates
     splits = set(warehouse.named("batch_splits", [batch_key])["split"].to_list())
     if teacher.mode == "first_order" and splits <= set(teacher.full_ranking_splits):
         batch = model.whole_training_set(batch)
