@@ -102,10 +102,7 @@ def run(setting: Setting) -> dict[str, Any]:
     engine = open_engine(home, profile)
     resources = build_resources(home, profile, None)
     warehouse = resources["warehouse"]
-    test = warehouse.query(
-        "SELECT g.query_id, g.batch, g.prompt, g.image_path FROM generated_queries g JOIN query_prompts q USING (query_id) "
-        "WHERE q.split = 'test' ORDER BY g.query_id"
-    )
+    test = warehouse.named("test_queries")
     if test.is_empty():
         raise FileNotFoundError(f"{home.root} has no generated test queries; run `gda demo --home {home.root}` first")
     queries = [(Image.open(home.artifacts / path).convert("RGB"), prompt) for path, prompt in zip(test["image_path"], test["prompt"], strict=True)]

@@ -93,9 +93,9 @@ def markdown_table(table: pl.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def by_level(table: pl.DataFrame, column: str) -> dict[str, dict[str, float]]:
-    """{"L=10": {method: value}} for a grouped bar chart."""
+def by_level(table: pl.DataFrame, column: str, level: str = "L") -> dict[str, dict[str, float]]:
+    """{"L=10": {method: value}} for a grouped bar chart: one group per value of the `level` column."""
     return {
-        f"L={level}": dict(zip(group["method"], group[column], strict=True))
-        for (level,), group in table.sort("L").group_by("L", maintain_order=True)
+        f"{level}={value}": dict(zip(group["method"], group[column], strict=True))
+        for (value,), group in table.sort(level).group_by(level, maintain_order=True)
     }

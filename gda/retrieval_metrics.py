@@ -69,6 +69,14 @@ def map_at(
         if len(method) != len(teacher) or not np.array_equal(np.sort(method), np.sort(teacher)):
             raise ValueError(f"query {query_id}: the method ranks another set than the teacher")
         values.append(average_precision(method, teacher[:L]))
-    scores = np.asarray(values)
-    error = float(scores.std(ddof=1) / math.sqrt(len(scores))) if len(scores) > 1 else math.nan
-    return MapResult(float(scores.mean()), error, len(scores))
+    mean, error = mean_and_standard_error(values)
+    return MapResult(mean, error, len(values))
+
+
+def mean_and_standard_error(values) -> tuple[float, float]:
+    """The mean of `values` and its standard error (sample std / sqrt n); nan error for fewer than two."""
+    array = np.asarray(values, dtype=np.float64)
+    if not array.size:
+        raise ValueError("no values to average")
+    error = float(array.std(ddof=1) / math.sqrt(array.size)) if array.size > 1 else math.nan
+    return float(array.mean()), error

@@ -101,6 +101,26 @@ INVARIANTS: dict[str, list[Invariant]] = {
             "+ (SELECT count(DISTINCT n_queries) - 1 FROM {table})",
         ),
     ],
+    "eval_counterfactual": [
+        (
+            "finite_measurements",
+            "Every loss and pixel MSE is finite.",
+            "SELECT count(*) FROM {table} {where} AND NOT (isfinite(loss_before) AND isfinite(loss_after) "
+            "AND isfinite(delta_loss) AND isfinite(pixel_mse))",
+        ),
+        (
+            "retrained_without_k",
+            "Each retrain removed k distinct training images and trained on all the others.",
+            "SELECT count(*) FROM {table} {where} AND (len(removed_ids) <> k OR len(list_distinct(removed_ids)) <> k "
+            "OR n_train + k <> (SELECT count(*) FROM {schema}.training_images))",
+        ),
+        (
+            "removed_are_training_images",
+            "Every removed id is an ingested training image.",
+            "SELECT count(*) FROM (SELECT unnest(removed_ids) AS id FROM {table} {where}) r "
+            "ANTI JOIN {schema}.training_images t USING (id)",
+        ),
+    ],
     "generated_queries": [
         (
             "every_prompt_generated",

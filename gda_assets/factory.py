@@ -13,9 +13,10 @@ from gda.home import Home
 from gda.profiles import profile_values
 from gda_assets.corpus import build_training_images, demo_corpus, shard_sensor
 from gda_assets.features import image_features, text_features
-from gda_assets.evaluation import rank_eval
+from gda_assets.evaluation import build_counterfactual_eval, rank_eval
 from gda_assets.jobs import (
     baseline_job,
+    counterfactual_job,
     demo_corpus_job,
     embedding_job,
     evaluation_job,
@@ -81,6 +82,7 @@ def build_defs(
     by name."""
     home = home or Home.resolve()
     embedded = shards is None
+    resources = {**build_resources(home, profile, shards), **(overrides or {})}
     assets: list[Any] = [
         build_training_images(embedded),
         image_features,
@@ -98,10 +100,11 @@ def build_defs(
         training_embeddings,
         attribution_index,
         rank_eval,
+        build_counterfactual_eval(resources["evaluation"]),
     ]
     jobs: list[Any] = [
         shard_job, ingest_job, model_job, query_batch_job, teacher_shard_job, teacher_job, baseline_job,
-        student_job, embedding_job, index_job, evaluation_job,
+        student_job, embedding_job, index_job, evaluation_job, counterfactual_job,
     ]
     if embedded:
         assets.insert(0, demo_corpus)
@@ -110,5 +113,5 @@ def build_defs(
         assets=assets,
         jobs=jobs,
         sensors=[shard_sensor],
-        resources={**build_resources(home, profile, shards), **(overrides or {})},
+        resources=resources,
     )

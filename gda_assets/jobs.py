@@ -75,3 +75,10 @@ evaluation_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets("rank_eval"),
     description="mAP(L) of every method against the teacher on the test queries, with galleries.",
 )
+
+counterfactual_job = dg.define_asset_job(
+    "counterfactual_job",
+    selection=dg.AssetSelection.assets("counterfactual_eval"),
+    description="Opt-in: retrain the model without each method's top-k training images (one partition per "
+    "method x k x query group) and measure what the test queries lose.",
+)

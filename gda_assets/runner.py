@@ -113,6 +113,16 @@ def demo(home: Home, profile: str | None = None, shards_dir: Path | None = None,
     return DemoReport(shards=shard_reports, query_batches=batches, scored_batches=scored)
 
 
+def counterfactual(home: Home, profile: str | None = None, shards_dir: Path | None = None, every_cell: bool = False) -> dict[str, bool]:
+    """The opt-in counterfactual evaluation on a materialized home: every cell (partition) of
+    ``counterfactual_eval`` not yet materialized, or all with ``every_cell``; an interrupted run resumes."""
+    instance = open_instance(home)
+    defs = build_defs(home=home, profile=resolve_profile(profile), shards=shards_dir.resolve() if shards_dir else None)
+    keys = defs.resolve_job_def("counterfactual_job").partitions_def.get_partition_keys()
+    done = set() if every_cell else instance.get_materialized_partitions(dg.AssetKey("counterfactual_eval"))
+    return _run_partitions(instance, defs, "counterfactual_job", [key for key in keys if key not in done])
+
+
 def _run_partitions(instance: dg.DagsterInstance, defs: dg.Definitions, job_name: str, keys: list[str]) -> dict[str, bool]:
     job = defs.resolve_job_def(job_name)
     return {key: job.execute_in_process(instance=instance, partition_key=key, raise_on_error=False).success for key in keys}

@@ -23,13 +23,15 @@ class Warehouse(dg.ConfigurableResource):
         with duckdb.connect(self.database) as con:
             tables.create_tables(con)
 
-    def replace_table(self, table: str, frame: pl.DataFrame) -> None:
-        """Replace every row of ``table`` with ``frame`` in one transaction (for tables written by an asset
-        of another name, where the IO manager's table-per-asset convention does not apply)."""
+    def replace_table(self, table: str, frame: pl.DataFrame, partition: tuple[str, str] | None = None) -> None:
+        """Replace every row of ``table`` (or, with ``partition`` = (column, key), the rows of that partition)
+        with ``frame`` in one transaction, for tables written by an asset of another name, where the IO
+        manager's table-per-asset convention does not apply."""
+        where, params = (f"WHERE {partition[0]} = ?", [partition[1]]) if partition else ("", [])
         with duckdb.connect(self.database) as con:
             con.register("incoming", frame)
             con.execute("BEGIN")
-            con.execute(f"DELETE FROM {tables.SCHEMA}.{table}")
+            con.execute(f"DELETE FROM {tables.SCHEMA}.{table} {where}", params)
             con.execute(f"INSERT INTO {tables.SCHEMA}.{table} BY NAME SELECT * FROM incoming")
             con.execute("COMMIT")
 

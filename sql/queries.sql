@@ -59,6 +59,11 @@ WHERE q.split IN ('train', 'val') ORDER BY s.query_id, s.rank;
 SELECT s.query_id, s.train_id, s.rank FROM abu_scores s JOIN query_prompts q USING (query_id)
 WHERE q.split = 'test' ORDER BY s.query_id, s.rank;
 
+-- name: test_queries
+-- The held-out test queries as generated: prompt, sampling seed and settings, batch and image, in query order.
+SELECT g.query_id, g.prompt, g.seed, g.batch, g.image_path, g.steps, g.guidance_scale, g.guidance_rescale
+FROM generated_queries g JOIN query_prompts q USING (query_id) WHERE q.split = 'test' ORDER BY g.query_id;
+
 -- name: top_attributions
 -- The most influential training images of a query by the AbU+ teacher, with their captions and sources.
 SELECT s.rank, s.train_id, s.score, t.caption, t.url, t.license

@@ -121,3 +121,22 @@ CREATE TABLE IF NOT EXISTS eval_rank (
     n_queries INTEGER NOT NULL,
     embedder_version VARCHAR NOT NULL
 );
+
+-- Counterfactual leave-k-out evaluation: per cell (method, k, query group) and query, the model retrained
+-- from scratch without the method's top-k training images, against the model. Replaced per cell by
+-- counterfactual_eval.
+CREATE TABLE IF NOT EXISTS eval_counterfactual (
+    cell VARCHAR NOT NULL,         -- partition key: METHOD-kK-gGROUP
+    method VARCHAR NOT NULL,       -- random | concat_raw | distilled | teacher
+    k INTEGER NOT NULL,            -- training images removed
+    query_id BIGINT NOT NULL,
+    removed_ids BIGINT[] NOT NULL, -- the method's top k for the query, best first
+    n_train INTEGER NOT NULL,      -- images the retrained model trained on
+    loss_before DOUBLE NOT NULL,   -- L(query, theta0) on the fixed draws
+    loss_after DOUBLE NOT NULL,    -- L(query, theta-k) on the same draws
+    delta_loss DOUBLE NOT NULL,    -- loss_after - loss_before: higher, the removed images mattered more
+    pixel_mse DOUBLE NOT NULL,     -- query image vs theta-k's same-seed generation, pixels in [0, 1]
+    train_seconds DOUBLE NOT NULL,
+    model_version VARCHAR NOT NULL,
+    embedder_version VARCHAR       -- of the embedder that ranked (concat_raw and distilled)
+);

@@ -15,7 +15,7 @@ import torch
 
 from gda import arrays
 from gda.cli import main
-from gda.diffusion import load
+from gda.diffusion import evaluate_loss, load
 from gda.diffusion.card import corpus_fingerprint, read_card, weights_dir, weights_version
 from gda.ekfac import load_factors, select_modules
 from gda.home import Home
@@ -23,7 +23,7 @@ from gda.profiles import profile_values
 from gda.queries import load_generated, query_seed
 from gda_assets.factory import build_defs
 from gda_assets.runner import open_instance, run_shards
-from resources import DiffusionSource, TeacherSettings
+from resources import DiffusionSource, EvaluationSettings, TeacherSettings
 from sql import named_query
 from shardkit import good, png, write_tar
 
@@ -297,9 +297,7 @@ def test_the_student_embeds_every_training_image_into_the_index(demo_home: Home)
 
 def test_query_a_generated_test_image_through_the_cli(demo_home: Home, capsys: pytest.CaptureFixture[str]) -> None:
     [(query_id, prompt, image_path)] = _query(
-        demo_home,
-        "SELECT g.query_id, g.prompt, g.image_path FROM generated_queries g JOIN query_prompts q USING (query_id) "
-        "WHERE q.split = 'test' ORDER BY g.query_id LIMIT 1",
+        demo_home, f"SELECT query_id, prompt, image_path FROM ({named_query('test_queries').rstrip(';')}) LIMIT 1"
     )
     capsys.readouterr()
     argv = ["query", "--home", str(demo_home.root), "--profile", "tiny", "--image", str(demo_home.artifacts / image_path),
@@ -335,3 +333,44 @@ def test_rank_eval_scores_every_method_at_every_level_against_the_teacher(demo_h
         assert by["teacher_reseeded", level] > by["random", level] + 0.1
     passed, _ = _check_metadata(demo_home, "rank_eval", "map_is_a_fraction")
     assert passed
+
+
+def test_counterfactual_retrains_without_each_methods_top_k(demo_home: Home, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = profile_values("tiny")["evaluation"]
+    k, n_queries = settings["counterfactual_k"][0], settings["counterfactual_queries"]
+    assert main(["counterfactual", "--home", str(demo_home.root), "--profile", "tiny"]) == 0
+    assert "| teacher | 5 | 2 |" in capsys.readouterr().out
+    rows = _query(
+        demo_home,
+        "SELECT cell, method, query_id, removed_ids, n_train, loss_before, loss_after, delta_loss, pixel_mse "
+        "FROM eval_counterfactual ORDER BY method, query_id",
+    )
+    methods = ["concat_raw", "distilled", "random", "teacher"]
+    test_ids = [q for (q,) in _query(demo_home, "SELECT query_id FROM query_prompts WHERE split = 'test' ORDER BY query_id")]
+    assert [(r[1], r[2]) for r in rows] == [(m, q) for m in methods for q in test_ids[:n_queries]]
+    assert all(r[0] == f"{r[1]}-k{k}-g0" for r in rows)
+
+    # The teacher cell removed exactly the teacher's top k, and every retrain trained on the rest.
+    for _, method, query_id, removed, n_train, *_ in rows:
+        assert len(set(removed)) == k and n_train == 240 - k
+        if method == "teacher":
+            top = _query(demo_home, "SELECT train_id FROM abu_scores WHERE query_id = ? ORDER BY rank LIMIT ?", [query_id, k])
+            assert removed == [t for (t,) in top]
+
+    # loss_before is theta0's loss on the fixed draws, recomputed here independently; every delta is finite.
+    model = load(weights_dir(demo_home.artifacts / "diffusion_model", read_card(demo_home.artifacts / "diffusion_model")))
+    [(batch,)] = _query(demo_home, "SELECT DISTINCT batch FROM query_prompts WHERE split = 'test'")
+    generated = load_generated(demo_home.artifacts / "generated_queries" / f"{batch}.safetensors")
+    for _, _, query_id, _, _, before, after, delta, mse in rows:
+        i = generated.query_ids.tolist().index(query_id)
+        expected = evaluate_loss(model, generated.samples[i : i + 1], generated.prompt_states[i : i + 1], [query_id],
+                                 range(settings["loss_draws"]), EvaluationSettings().loss_seed)
+        assert before == pytest.approx(float(expected[0]), rel=1e-5)
+        assert np.isfinite([after, delta, mse]).all() and delta == pytest.approx(after - before)
+        assert after != before and mse > 0
+
+    # Every cell is materialized once; a second run has nothing left to do.
+    materialized = open_instance(demo_home).get_materialized_partitions(dg.AssetKey("counterfactual_eval"))
+    assert materialized == {f"{m}-k{k}-g0" for m in methods}
+    assert main(["counterfactual", "--home", str(demo_home.root), "--profile", "tiny"]) == 0
+    assert "0 of 0 succeeded" in capsys.readouterr().out
