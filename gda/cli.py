@@ -53,6 +53,42 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return status
 
 
+def _cmd_counterfactual(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from gda import counterfactual
+    from gda_assets.runner import counterfactual as run_cells
+
+    home = Home.resolve(args.home)
+    outcome = run_cells(home, args.profile, Path(args.shards) if args.shards else None, every_cell=args.all)
+    failed = [key for key, ok in outcome.items() if not ok]
+    print(f"counterfactual cells run: {len(outcome) - len(failed)} of {len(outcome)} succeeded")
+    with duckdb.connect(str(home.duckdb_path), read_only=True) as con:
+        rows = con.execute("SELECT * FROM eval_counterfactual").pl()
+    if rows.height:
+        print(counterfactual.markdown_table(counterfactual.summary(rows)))
+    if failed:
+        print(f"failed cells: {', '.join(failed)}; open their runs in the UI (gda ui) for the cause", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from gda import report
+
+    home = Home.resolve(args.home)
+    text = report.render(home.duckdb_path, Path(args.latency))
+    if args.readme:
+        readme = Path(args.readme)
+        readme.write_text(report.embed(readme.read_text(), text))
+        print(f"updated the report block of {readme}")
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+        print(f"wrote {args.out}")
+    if not (args.readme or args.out):
+        print(text)
+    return 0
+
+
 def _cmd_ingest(args: argparse.Namespace) -> int:
     from gda_assets.runner import ingest
 
@@ -119,15 +155,13 @@ def _print_sample_attribution(home: Home, profile: str | None, shards: Path | No
     import duckdb
 
     from gda.service import open_engine
+    from sql import named_query
 
     with duckdb.connect(str(home.duckdb_path), read_only=True) as con:
-        row = con.execute(
-            "SELECT g.query_id, g.prompt, g.image_path FROM generated_queries g JOIN query_prompts q USING (query_id) "
-            "WHERE q.split = 'test' ORDER BY g.query_id LIMIT 1"
-        ).fetchone()
-    if row is None:
+        tests = con.execute(named_query("test_queries")).pl()
+    if tests.is_empty():
         return
-    query_id, prompt, image_path = row
+    query_id, prompt, image_path = tests.select("query_id", "prompt", "image_path").row(0)
     image = home.artifacts / image_path
     with open_engine(home, profile, shards=shards, interface="cli") as engine:
         answer = engine.attribute(image.read_bytes(), prompt, min(5, engine.max_top_k))
@@ -164,6 +198,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(ingest)
     ingest.add_argument("--shards", required=True, help="folder of NNNNN.tar (+ NNNNN.parquet) shards")
     ingest.set_defaults(run=_cmd_ingest)
+
+    counterfactual = commands.add_parser(
+        "counterfactual", help="retrain without each method's top-k images and measure the queries' loss change (slow)"
+    )
+    _add_common(counterfactual)
+    counterfactual.add_argument("--shards", default=os.environ.get("GDA_SHARDS"), help="the shards folder the home was built on")
+    counterfactual.add_argument("--all", action="store_true", help="rerun every cell, not only those not yet materialized")
+    counterfactual.set_defaults(run=_cmd_counterfactual)
+
+    report = commands.add_parser("report", help="the latest mAP, counterfactual and latency figures as markdown")
+    _add_common(report)
+    report.add_argument("--latency", default=str(Path(__file__).resolve().parents[1] / "bench" / "results" / "latency.json"),
+                        help="latency benchmark JSON (default: the committed bench/results/latency.json)")
+    report.add_argument("--out", help="write the markdown to this file instead of printing it")
+    report.add_argument("--readme", help="replace the report block of this README with it")
+    report.set_defaults(run=_cmd_report)
 
     ui = commands.add_parser("ui", help="open the Dagster UI (dagster dev) on this home")
     _add_common(ui)
