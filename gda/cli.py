@@ -49,7 +49,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     _print_sample_attribution(home, args.profile, shards)
     print(f"\nhome: {home.root}")
     print(f"Dagster UI:    gda ui --home {home.root}     (http://127.0.0.1:3000)")
-    print(f"query API:     gda serve --home {home.root}  (http://127.0.0.1:8000/docs)")
+    print(f"explorer, API: gda serve --home {home.root}  (http://127.0.0.1:8000/, API docs at /docs)")
     return status
 
 
@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--json", action="store_true", help="print the answer as JSON")
     query.set_defaults(run=_cmd_query)
 
-    serve = commands.add_parser("serve", help="serve attribution queries over HTTP (OpenAPI docs at /docs)")
+    serve = commands.add_parser("serve", help="serve attribution queries over HTTP (explorer page at /, OpenAPI docs at /docs)")
     _add_common(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)

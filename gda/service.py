@@ -5,7 +5,8 @@ Everything is loaded once: the embedder, the attribution index, the image and te
 training images' metadata. An answer encodes the image and the prompt concurrently (the text encoder is the
 cost over an image-only baseline), embeds concat(image, text) as a query, searches the index and joins the
 metadata. The engine refuses to answer (`VersionMismatch`) when the index was built with another embedder
-than the one loaded: its vectors would not be comparable, and the answers silently wrong.
+than the one loaded: its vectors would not be comparable, and the answers silently wrong. It also holds the
+home's generated test queries, for people to try it on.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import io
 import threading
 import time
 import warnings
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from numbers import Integral
@@ -79,6 +81,15 @@ class Versions:
 
 
 @dataclass(frozen=True)
+class GeneratedQuery:
+    """A held-out test query as the diffusion model generated it."""
+
+    query_id: int
+    prompt: str
+    image: Path  # its PNG
+
+
+@dataclass(frozen=True)
 class Attribution:
     results: list[Match]
     versions: Versions
@@ -133,6 +144,7 @@ class AttributionEngine:
         shards: Path,
         model_version: str,
         audit: AuditLog | None = None,
+        test_queries: Sequence[GeneratedQuery] = (),
     ) -> None:
         config = embedder.config
         if (config.image_dim, config.input_dim - config.image_dim) != (image_encoder.dim, text_encoder.dim):
@@ -153,6 +165,7 @@ class AttributionEngine:
         self.shards = shards
         self.model_version = model_version
         self.audit = audit
+        self.test_queries = {query.query_id: query for query in test_queries}
         # Encoders and embedder are not promised to be thread-safe (a shared HF fast tokenizer raises
         # "Already borrowed"), so one query computes features at a time; the pool runs its text half.
         self._compute = threading.Lock()
@@ -261,6 +274,18 @@ class AttributionEngine:
             raise FileNotFoundError(f"{path} is missing or no longer holds sample {row['key']}: re-ingest shard {row['shard']}")
         return {**row, "media_type": f"image/{row['image_format'].lower()}"}, found[row["key"]]
 
+    def query_image(self, query_id: int) -> bytes:
+        """The PNG of a generated test query.
+
+        KeyError for an id that is not one of `test_queries`; FileNotFoundError if its file is gone.
+        """
+        if query_id not in self.test_queries:
+            raise KeyError(f"no generated test query with id {query_id}")
+        path = self.test_queries[query_id].image
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: re-materialize generated_queries")
+        return path.read_bytes()
+
 
 def read_metadata(database: Path) -> pl.DataFrame:
     """The serving metadata of every training image, from a short-lived read-only connection."""
@@ -269,6 +294,14 @@ def read_metadata(database: Path) -> pl.DataFrame:
             return con.execute(named_query("serving_metadata")).pl()
     except duckdb.CatalogException as error:
         raise FileNotFoundError(f"{database} has no training_images table: materialize training_images first") from error
+
+
+def read_test_queries(home: Home) -> list[GeneratedQuery]:
+    """The home's generated test queries in query order, from a short-lived read-only connection."""
+    with connect(home.duckdb_path, read_only=True, wait_s=_METADATA_LOCK_WAIT_S) as con:
+        rows = con.execute(named_query("test_queries")).pl().select("query_id", "prompt", "image_path")
+    # image_path is under the artifact root; the asset stores it absolute, which the join keeps as is.
+    return [GeneratedQuery(query_id, prompt, home.artifacts / image_path) for query_id, prompt, image_path in rows.iter_rows()]
 
 
 def open_engine(
@@ -281,8 +314,9 @@ def open_engine(
     """The engine over a home's materialized assets, with the encoders of `profile` on `device`.
 
     `shards` overrides the home's shard folder (where `gda ingest --shards` read them). With an `interface`
-    ('cli' or 'http') every answer is logged to the home's attribution_log. FileNotFoundError names the
-    asset to materialize when one is missing.
+    ('cli' or 'http') every answer is logged to the home's attribution_log. The engine lists the home's
+    generated test queries (none before they are materialized). FileNotFoundError names the asset to
+    materialize when one is missing.
     """
     embedder_folder = home.artifacts / EMBEDDER_FOLDER
     index_path = home.artifacts / INDEX_FOLDER / INDEX_FILE
@@ -303,4 +337,5 @@ def open_engine(
         shards=shards if shards is not None else home.shards,
         model_version=model_version,
         audit=AuditLog.for_home(home, interface) if interface is not None else None,
+        test_queries=read_test_queries(home),
     )

@@ -1,9 +1,18 @@
+"""Fixtures of every test: no network, one torch thread, and the query service's served home."""
+
+from __future__ import annotations
+
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
+
+if TYPE_CHECKING:
+    from gda.encoders import ImageEncoder, TextEncoder
+    from servicekit import ServedHome
 
 # Test helpers (shardkit, sdkit) import as top-level modules.
 sys.path.insert(0, str(Path(__file__).parent))
@@ -24,3 +33,21 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# The query service's fixtures (tests/unit and tests/browser): the tiny profile's encoders and a served home
+# built with them. They import inside, so that test runs without them do not load the model libraries.
+@pytest.fixture(scope="session")
+def tiny_encoders() -> tuple[ImageEncoder, TextEncoder]:
+    from gda.encoders import EncoderSpec, load_image_encoder, load_text_encoder
+    from gda.profiles import profile_values
+
+    spec = EncoderSpec(**profile_values("tiny")["encoders"])
+    return load_image_encoder(spec), load_text_encoder(spec)
+
+
+@pytest.fixture(scope="session")
+def served_home(tmp_path_factory: pytest.TempPathFactory, tiny_encoders: tuple[ImageEncoder, TextEncoder]) -> ServedHome:
+    from servicekit import build_served_home
+
+    return build_served_home(tmp_path_factory.mktemp("served_home"), *tiny_encoders)

@@ -1,9 +1,10 @@
 """Build a small served home without Dagster for the query service tests: two real shards ingested into
 DuckDB, features from real encoders, a randomly initialised small embedder, the attribution index over its
-training embeddings, and a model card."""
+training embeddings, a model card, and a few generated queries (stand-ins, not sampled from a model)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,9 @@ from shardkit import png, write_tar
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (240, 220, 40), "black": (10, 10, 10), "white": (245, 245, 245)}
 MODEL_VERSION = "model0test01"
+# (query id, split, prompt, colour): squares like the corpus' standing in for the diffusion model's samples;
+# the service lists the test split's and not the others'.
+QUERIES = [(101, "test", "a red square icon", "red"), (102, "test", "a blue square icon", "blue"), (103, "train", "a green square icon", "green")]
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,8 @@ class ServedHome:
     ids: list[int]  # every training image, id order
     captions: dict[int, str]
     images: dict[int, bytes]  # PNG bytes as stored in the shards
+    query_prompts: dict[int, str]  # the generated test queries, query order
+    query_images: dict[int, bytes]  # their PNGs
 
 
 def _members(shard: int) -> list[tuple[str, bytes]]:
@@ -52,6 +58,27 @@ def _members(shard: int) -> list[tuple[str, bytes]]:
             (f"{key}.json", json.dumps(meta).encode()),
         ]
     return members
+
+
+def _add_queries(con: duckdb.DuckDBPyConnection, home: Home) -> tuple[dict[int, str], dict[int, bytes]]:
+    """QUERIES in query_prompts and generated_queries, with their PNGs where the asset writes them; returns
+    the test split's prompts and PNGs."""
+    prompts: dict[int, str] = {}
+    images: dict[int, bytes] = {}
+    for query_id, split, prompt, colour in QUERIES:
+        batch = f"{split}-000"
+        data = png((24, 24), COLOURS[colour])
+        path = home.artifacts / "generated_queries" / batch / f"{query_id}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        con.execute("INSERT INTO query_prompts VALUES (?, ?, ?, ?, 0, NULL)", [query_id, split, batch, prompt])
+        con.execute(
+            "INSERT INTO generated_queries VALUES (?, ?, ?, 0, 10, 7.5, 0.0, ?, ?, ?, NULL, NULL, NULL, NULL)",
+            [query_id, batch, prompt, MODEL_VERSION, str(path), hashlib.sha256(data).hexdigest()],
+        )
+        if split == "test":
+            prompts[query_id], images[query_id] = prompt, data
+    return prompts, images
 
 
 def build_served_home(root: Path, image_encoder: ImageEncoder, text_encoder: TextEncoder) -> ServedHome:
@@ -80,9 +107,12 @@ def build_served_home(root: Path, image_encoder: ImageEncoder, text_encoder: Tex
                 axis=1,
             )
             shards[f"{number:05d}"] = IdArray(np.asarray(ids, dtype=np.int64), embedder.embed_training(features))
+        query_prompts, query_images = _add_queries(con, home)
     version = save_embedder(home.artifacts / EMBEDDER_FOLDER, embedder)
     index, _ = update_index(None, version, shards, SearchSettings())
     save_index(home.artifacts / INDEX_FOLDER / INDEX_FILE, index)
     write_card(home.artifacts / "diffusion_model", ModelCard(kind="scratch", weights=".", version=MODEL_VERSION))
-    return ServedHome(home, MODEL_VERSION, version, index.manifest.version, sorted(captions), captions, images)
+    return ServedHome(
+        home, MODEL_VERSION, version, index.manifest.version, sorted(captions), captions, images, query_prompts, query_images
+    )
 

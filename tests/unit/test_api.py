@@ -1,5 +1,6 @@
-"""The HTTP API and the `gda query` / `gda serve` commands over a served home: the same answers both ways,
-each logged for audit, and every bad request refused with its status code and a clear message."""
+"""The HTTP API (with the explorer page and its generated queries) and the `gda query` / `gda serve` commands
+over a served home: the same answers both ways, each logged for audit, and every bad request refused with its
+status code and a clear message."""
 
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from servicekit import ServedHome
+from servicekit import QUERIES, ServedHome
 from gda import cli
 from gda.api import create_app
-from gda.service import AttributionEngine, open_engine
+from gda.service import AttributionEngine, GeneratedQuery, open_engine
 from sql import named_query
 
 
@@ -115,6 +116,36 @@ def test_training_images_and_health(served_home: ServedHome, client: TestClient)
     }
     assert client.get("/docs").status_code == 200
     assert "/attribute" in client.get("/openapi.json").json()["paths"]
+
+
+def test_the_explorer_page_and_the_generated_test_queries(
+    served_home: ServedHome, engine: AttributionEngine, client: TestClient, tmp_path: Path
+) -> None:
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for part in ('<form id="upload">', 'name="image"', 'name="prompt"', 'name="top_k"', '<form id="pick">'):
+        assert part in page.text
+    assert "/" not in client.get("/openapi.json").json()["paths"]  # a page for people, not part of the API
+
+    assert client.get("/queries").json() == [
+        {"query_id": query_id, "prompt": prompt, "image_url": f"/queries/{query_id}/image"}
+        for query_id, prompt in served_home.query_prompts.items()
+    ]
+    for query_id, data in served_home.query_images.items():
+        image = client.get(f"/queries/{query_id}/image")
+        assert image.status_code == 200 and image.content == data and image.headers["content-type"] == "image/png"
+    train_query = next(query_id for query_id, split, *_ in QUERIES if split == "train")
+    for unknown in (train_query, 999):
+        answer = client.get(f"/queries/{unknown}/image")
+        assert (answer.status_code, answer.json()) == (404, {"detail": f"no generated test query with id {unknown}"})
+
+    parts = (engine.embedder, engine.index, engine.image_encoder, engine.text_encoder, engine.metadata, engine.shards, "m")
+    with AttributionEngine(*parts) as without_home:
+        assert TestClient(create_app(without_home)).get("/queries").json() == []
+    gone = GeneratedQuery(7, "a lost query", tmp_path / "gone.png")
+    with AttributionEngine(*parts, test_queries=[gone]) as lost:
+        answer = TestClient(create_app(lost)).get("/queries/7/image")
+        assert answer.status_code == 503 and "gone.png is missing: re-materialize generated_queries" in answer.json()["detail"]
 
 
 def bomb() -> bytes:
