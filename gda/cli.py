@@ -89,6 +89,54 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit_query(args: argparse.Namespace) -> tuple[str, list[object]]:
+    """The named query in sql/queries.sql that answers the audit question, and its parameters."""
+    import hashlib
+    from datetime import UTC, datetime
+
+    if args.question == "image":
+        if bool(args.image) == bool(args.sha256):
+            raise ValueError("gda audit image needs one of --image FILE or --sha256 HEX")
+        digest = hashlib.sha256(Path(args.image).read_bytes()).hexdigest() if args.image else args.sha256.lower()
+        return "attributions_for_image", [digest]
+    if args.question == "prompt":
+        return "attributions_for_prompt", [args.prompt]
+    if args.question == "sources":
+        since = datetime.fromisoformat(args.since) if args.since else datetime(1970, 1, 1)
+        until = datetime.fromisoformat(args.until) if args.until else datetime.now(UTC).replace(tzinfo=None)
+        return "source_attribution_counts", [since, until]
+    return "versions_served", []
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    """Answer an audit question from the attribution log, read-only (a running `gda serve` keeps logging)."""
+    import duckdb
+    import polars as pl
+
+    from gda.audit import SPOOL_FILE
+    from sql import named_query
+
+    home = Home.resolve(args.home)
+    if not home.duckdb_path.exists():
+        raise FileNotFoundError(f"{home.duckdb_path} does not exist: run gda demo (or gda ingest) on this home first")
+    name, params = _audit_query(args)
+    with duckdb.connect(str(home.duckdb_path), read_only=True) as con:
+        rows = con.execute(named_query(name), params).pl()
+    if args.format == "json":
+        print(rows.write_json())
+    elif args.format == "csv":
+        print(rows.write_csv(), end="")
+    else:
+        with pl.Config(tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=60, tbl_hide_dataframe_shape=True):
+            print(rows if rows.height else f"no logged answers match ({name})")
+    spool = home.root / SPOOL_FILE
+    if spool.exists() and spool.stat().st_size:
+        pending = sum(1 for line in spool.read_text(encoding="utf-8").splitlines() if line.strip())
+        print(f"gda: {pending} answer(s) logged while the database was busy wait in {spool}; "
+              "they are stored with the next answer", file=sys.stderr)
+    return 0
+
+
 def _cmd_ingest(args: argparse.Namespace) -> int:
     from gda_assets.runner import ingest
 
@@ -206,6 +254,20 @@ def build_parser() -> argparse.ArgumentParser:
     counterfactual.add_argument("--shards", default=os.environ.get("GDA_SHARDS"), help="the shards folder the home was built on")
     counterfactual.add_argument("--all", action="store_true", help="rerun every cell, not only those not yet materialized")
     counterfactual.set_defaults(run=_cmd_counterfactual)
+
+    audit = commands.add_parser("audit", help="who was credited: answers by image or prompt, sources over a period, versions served")
+    _add_common(audit)
+    audit.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    questions = audit.add_subparsers(dest="question", required=True)
+    by_image = questions.add_parser("image", help="every logged answer for a generated image")
+    by_image.add_argument("--image", help="the image file as it was queried")
+    by_image.add_argument("--sha256", help="or its sha256, as the answer reported it")
+    questions.add_parser("prompt", help="every logged answer for a prompt (exact text)").add_argument("prompt")
+    sources = questions.add_parser("sources", help="how often each source (url, license) was credited")
+    sources.add_argument("--since", help="UTC ISO time, inclusive (default: the beginning)")
+    sources.add_argument("--until", help="UTC ISO time, exclusive (default: now)")
+    questions.add_parser("versions", help="which model, embedder and index versions answered, and when")
+    audit.set_defaults(run=_cmd_audit)
 
     report = commands.add_parser("report", help="the latest mAP, counterfactual and latency figures as markdown")
     _add_common(report)

@@ -9,7 +9,7 @@ import io
 import json
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
@@ -21,7 +21,6 @@ from servicekit import QUERIES, ServedHome
 from gda import cli
 from gda.api import create_app
 from gda.service import AttributionEngine, GeneratedQuery, open_engine
-from sql import named_query
 
 
 @pytest.fixture(scope="module")
@@ -77,19 +76,27 @@ def test_cli_and_http_give_the_same_answer_and_both_are_logged(
         assert (row["model_version"], row["embedder_version"], row["index_version"]) == tuple(answer["versions"].values())
         assert (row["image_sha256"], row["top_k"]) == (answer["image_sha256"], 6)
 
-    # The audit queries find these answers by image, by prompt, by source and by version.
-    by_image = audit_rows(served_home, named_query("attributions_for_image"), [from_http["image_sha256"]])
+    # `gda audit` finds these answers by image, by prompt, by source over a period and by version.
+    def audit(*question: str) -> list[dict]:
+        assert cli.main(["audit", "--home", str(served_home.home.root), "--format", "json", *question]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    by_image = audit("image", "--image", str(image_path))
     assert [(r["rank"], r["train_id"], r["caption"], r["url"]) for r in by_image if r["interface"] == "http"] == [
         (r["rank"], r["train_id"], r["caption"], r["url"]) for r in from_http["results"]
     ]
-    by_prompt = audit_rows(served_home, named_query("attributions_for_prompt"), [prompt])
+    assert audit("image", "--sha256", from_http["image_sha256"].upper()) == by_image
+    by_prompt = audit("prompt", prompt)
     assert len(by_prompt) == 12 and {r["interface"] for r in by_prompt} == {"cli", "http"}
-    sources = audit_rows(served_home, named_query("source_attribution_counts"), [started, datetime.now(UTC).replace(tzinfo=None) + timedelta(seconds=1)])
+    sources = audit("sources", "--since", started.isoformat())
     assert sum(s["attributions"] for s in sources) >= 12
     top_url = from_http["results"][0]["url"]
     assert next(s for s in sources if s["url"] == top_url)["best_rank"] == 1
-    served = audit_rows(served_home, named_query("versions_served"), [])
+    assert audit("sources", "--since", started.isoformat(), "--until", started.isoformat()) == []
+    served = audit("versions")
     assert any(s["index_version"] == served_home.index_version and s["answers"] >= 2 for s in served)
+    assert cli.main(["audit", "--home", str(served_home.home.root), "versions"]) == 0
+    assert served_home.index_version in capsys.readouterr().out
 
     assert cli.main(argv) == 0
     table = capsys.readouterr().out.splitlines()
