@@ -8,10 +8,11 @@ import dagster as dg
 from gda.corpus.ingest import ingest_shard
 from gda.corpus.shards import list_shards
 from gda_assets.checks import Partition, column_schema, table_check_results, table_check_specs
-from gda_assets.partitions import shard_partitions
+from gda_assets.partitions import ON_NEW_SHARDS, shard_partitions
 from resources import CorpusSource, DemoCorpusSource, Warehouse
 
 @dg.asset(
+    code_version="1",
     group_name="corpus",
     kinds={"python", "parquet"},
     description="The embedded default corpus: icon glyphs from the qtawesome fonts rendered with colours, "
@@ -49,6 +50,8 @@ def build_training_images(embedded: bool) -> dg.AssetsDefinition:
                 description=description,
                 kinds={"duckdb"},
                 metadata={"partition_expr": "shard", "dagster/column_schema": column_schema(table)},
+                automation_condition=ON_NEW_SHARDS,
+                code_version="1",
             )
             for table, description in (
                 ("training_images", "Accepted training images of a shard: caption(s), source, license, size, sha256."),
@@ -77,17 +80,16 @@ def build_training_images(embedded: bool) -> dg.AssetsDefinition:
 
 
 @dg.sensor(
-    description="Watches the shards folder; registers new NNNNN.tar files as shard partitions and requests "
-    "their ingestion. Shards already registered are never requested again.",
+    description="Watches the shards folder and registers new NNNNN.tar files as shard partitions; the "
+    "automation sensor then materializes just those partitions (ingest, features, teacher data, embeddings) "
+    "and adds them to the index. A shard registered once is never registered again.",
     minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    job_name="shard_job",
 )
 def shard_sensor(context: dg.SensorEvaluationContext, corpus: CorpusSource) -> dg.SensorResult:
     known = set(context.instance.get_dynamic_partitions(shard_partitions.name))
     new = [path.stem for path in list_shards(Path(corpus.shards_dir)) if path.stem not in known]
-    return dg.SensorResult(
-        run_requests=[dg.RunRequest(partition_key=key, run_key=f"ingest-{key}") for key in new],
-        dynamic_partitions_requests=[shard_partitions.build_add_request(new)] if new else [],
-    )
+    if new:
+        context.log.info(f"registering new shards {', '.join(new)}")
+    return dg.SensorResult(dynamic_partitions_requests=[shard_partitions.build_add_request(new)] if new else [])
 

@@ -78,6 +78,7 @@ def _gallery(warehouse, corpus, artifacts, teacher_rankings, distilled, queries:
 
 
 @dg.asset(
+    code_version="1",
     group_name="evaluation",
     ins=every_partition("image_features", "text_features", "query_image_features", "query_text_features"),
     deps=["abu_scores", EMBEDDER],
@@ -195,10 +196,11 @@ def build_counterfactual_eval(evaluation: EvaluationSettings) -> dg.AssetsDefini
     ]
 
     @dg.asset(
+        code_version="1",
         group_name="evaluation",
         partitions_def=dg.StaticPartitionsDefinition(keys),
         ins=every_partition("image_features", "text_features", "query_image_features", "query_text_features"),
-        deps=["diffusion_model", "abu_scores", EMBEDDER],
+        deps=["diffusion_model", EMBEDDER, dg.AssetDep("abu_scores", partition_mapping=dg.AllPartitionMapping())],
         kinds={"pytorch", "duckdb"},
         metadata={
             "dagster/column_schema": column_schema("eval_counterfactual"),

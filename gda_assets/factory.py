@@ -49,6 +49,17 @@ from resources import (
 )
 
 
+# Runs what the automation conditions request (ON_NEW_SHARDS): one backfill per tick, so shards already
+# present are absorbed as one backfill rather than a run per partition.
+automation_sensor = dg.AutomationConditionSensorDefinition(
+    "automation",
+    target=dg.AssetSelection.all(),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=30,
+    description="Materializes a new shard's partitions and adds it to the index as soon as the shard sensor registers it.",
+)
+
+
 def build_resources(home: Home, profile: str, shards: Path | None) -> dict[str, Any]:
     values = profile_values(profile)
     return {
@@ -112,6 +123,6 @@ def build_defs(
     return dg.Definitions(
         assets=assets,
         jobs=jobs,
-        sensors=[shard_sensor],
+        sensors=[shard_sensor, automation_sensor],
         resources=resources,
     )

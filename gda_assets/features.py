@@ -6,7 +6,7 @@ import dagster as dg
 from gda.arrays import IdArray
 from gda import features
 from gda.corpus.shards import load_images
-from gda_assets.partitions import shard_partitions
+from gda_assets.partitions import ON_NEW_SHARDS, shard_partitions
 from resources import Compute, CorpusSource, Encoders, Warehouse
 
 
@@ -21,6 +21,8 @@ def _feature_metadata(array: IdArray) -> dict[str, object]:
     io_manager_key="array_io",
     kinds={"pytorch"},
     pool="gpu",
+    automation_condition=ON_NEW_SHARDS,
+    code_version="1",
     description="Image features (EfficientNet-Lite0 by default; DINO with the hf backend) of a shard's "
     "accepted images, in id order, as one safetensors file.",
 )
@@ -40,6 +42,8 @@ def image_features(
     io_manager_key="array_io",
     kinds={"pytorch"},
     pool="gpu",
+    automation_condition=ON_NEW_SHARDS,
+    code_version="1",
     description="Text features (MiniLM by default; CLIP text with the hf backend) of each accepted image's "
     "first caption, in id order, as one safetensors file.",
 )

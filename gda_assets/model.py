@@ -54,6 +54,7 @@ def _train_scratch(source: DiffusionSource, corpus: CorpusSource, rows: pl.DataF
 
 
 @dg.asset(
+    code_version="1",
     group_name="model",
     deps=["training_images"],
     kinds={"pytorch"},
@@ -122,6 +123,7 @@ def build_query_prompts(embedded: bool) -> dg.AssetsDefinition:
     ``query_plan.prompts_file`` (else captions of training images)."""
 
     @dg.asset(
+        code_version="1",
         group_name="model",
         deps=["demo_corpus"] if embedded else ["training_images"],
         io_manager_key="warehouse_io",
@@ -161,6 +163,7 @@ def build_query_prompts(embedded: bool) -> dg.AssetsDefinition:
 
 
 @dg.asset(
+    code_version="1",
     group_name="model",
     partitions_def=query_batch_partitions,
     deps=["diffusion_model", "query_prompts"],
@@ -225,8 +228,12 @@ def generated_queries(
 
 @dg.multi_asset(
     outs={
-        "query_image_features": dg.AssetOut(io_manager_key="array_io", kinds={"pytorch"}, description="Image features of the generated queries."),
-        "query_text_features": dg.AssetOut(io_manager_key="array_io", kinds={"pytorch"}, description="Text features of the query prompts."),
+        "query_image_features": dg.AssetOut(
+            io_manager_key="array_io", kinds={"pytorch"}, code_version="1", description="Image features of the generated queries."
+        ),
+        "query_text_features": dg.AssetOut(
+            io_manager_key="array_io", kinds={"pytorch"}, code_version="1", description="Text features of the query prompts."
+        ),
     },
     partitions_def=query_batch_partitions,
     deps=["generated_queries"],

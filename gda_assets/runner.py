@@ -123,6 +123,45 @@ def counterfactual(home: Home, profile: str | None = None, shards_dir: Path | No
     return _run_partitions(instance, defs, "counterfactual_job", [key for key in keys if key not in done])
 
 
+@dataclass(frozen=True)
+class AbsorbedRun:
+    partition: str | None  # the shard, or None for an asset over every shard (the index)
+    assets: list[str]
+    succeeded: bool
+
+
+def absorb_new_shards(home: Home, profile: str | None = None, shards_dir: Path | None = None, max_ticks: int = 10) -> list[AbsorbedRun]:
+    """What the daemon behind ``gda ui`` does when shards arrive, in this process: one tick of the shard
+    sensor, then ticks of the assets' automation conditions, running what each tick requests (per shard
+    first, then what spans every shard), until a tick requests nothing."""
+    instance = open_instance(home)
+    defs = build_defs(home=home, profile=resolve_profile(profile), shards=shards_dir.resolve() if shards_dir else None)
+    # The conditions react to changes between ticks, so the first tick, before the sensor, is the baseline.
+    cursor = dg.evaluate_automation_conditions(defs=defs, instance=instance).cursor
+    sensor = defs.resolve_sensor_def("shard_sensor")
+    with dg.build_sensor_context(instance=instance, resources={"corpus": defs.resources["corpus"]}) as context:
+        for request in sensor(context).dynamic_partitions_requests:
+            instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+    runs: list[AbsorbedRun] = []
+    for _ in range(max_ticks):
+        tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor)
+        cursor = tick.cursor
+        if not tick.total_requested:
+            return runs
+        by_partition: dict[str | None, list[dg.AssetKey]] = {}
+        for key in defs.resolve_asset_graph().toposorted_asset_keys:
+            for partition in tick.get_requested_partitions(key):
+                by_partition.setdefault(partition, []).append(key)
+        for partition in sorted(by_partition, key=lambda p: (p is None, p or "")):
+            keys = by_partition[partition]
+            job = defs.resolve_implicit_job_def_def_for_assets(keys)
+            result = job.execute_in_process(instance=instance, partition_key=partition, asset_selection=keys, raise_on_error=False)
+            runs.append(AbsorbedRun(partition, [k.to_user_string() for k in keys], result.success))
+            if not result.success:
+                return runs
+    raise RuntimeError(f"automation still requested runs after {max_ticks} ticks; open the runs in the UI (gda ui)")
+
+
 def _run_partitions(instance: dg.DagsterInstance, defs: dg.Definitions, job_name: str, keys: list[str]) -> dict[str, bool]:
     job = defs.resolve_job_def(job_name)
     return {key: job.execute_in_process(instance=instance, partition_key=key, raise_on_error=False).success for key in keys}

@@ -5,7 +5,7 @@ import dagster as dg
 
 from gda.arrays import IdArray
 from gda_assets.metadata import png_markdown
-from gda_assets.partitions import every_partition, shard_partitions
+from gda_assets.partitions import ON_NEW_SHARDS, every_partition, shard_partitions
 from resources import Artifacts, Compute, IndexSettings, StudentSettings, Warehouse
 
 EMBEDDER = "attribution_embedder"
@@ -13,6 +13,7 @@ INDEX = "attribution_index"
 
 
 @dg.asset(
+    code_version="1",
     group_name="student",
     ins=every_partition("image_features", "text_features", "query_image_features", "query_text_features"),
     deps=["abu_scores"],
@@ -95,6 +96,8 @@ def attribution_embedder(
     io_manager_key="array_io",
     kinds={"pytorch"},
     pool="gpu",
+    automation_condition=ON_NEW_SHARDS,
+    code_version="1",
     description="The embedder's unit vectors of a shard's training images (image + first caption), in id "
     "order, tagged with the embedder version that made them.",
 )
@@ -115,6 +118,8 @@ def training_embeddings(
     ins=every_partition("training_embeddings"),
     deps=[EMBEDDER],
     kinds={"faiss"},
+    automation_condition=ON_NEW_SHARDS,
+    code_version="1",
     description="FAISS inner-product index of every training embedding (flat, IVF above a size). A new shard "
     "is added without a rebuild; a new embedder version, or a changed or removed shard, rebuilds it.",
 )

@@ -11,11 +11,12 @@ from gda_assets.checks import Partition, column_schema, table_check_results, tab
 from gda.diffusion.card import read_card, weights_version
 from gda_assets.model import load_bundle
 from gda.teacher import TeacherConfig, timesteps
-from gda_assets.partitions import every_partition, query_batch_partitions, shard_partitions
+from gda_assets.partitions import ON_NEW_SHARDS, every_partition, query_batch_partitions, shard_partitions
 from resources import Artifacts, Compute, CorpusSource, TeacherSettings, Warehouse
 
 
 @dg.asset(
+    code_version="1",
     group_name="teacher",
     partitions_def=query_batch_partitions,
     ins={**every_partition("image_features"), "query_image_features": dg.AssetIn()},
@@ -53,6 +54,7 @@ def dino_candidates(
 
 
 @dg.asset(
+    code_version="1",
     group_name="teacher",
     deps=["diffusion_model", "training_images"],
     kinds={"pytorch", "safetensors"},
@@ -156,6 +158,8 @@ def _finite_items(bundle, corpus: CorpusSource, warehouse: Warehouse, artifacts:
     deps=["diffusion_model", "training_images"],
     kinds={"pytorch", "safetensors"},
     pool="gpu",
+    automation_condition=ON_NEW_SHARDS,
+    code_version="1",
     description="First-order teacher data, query-independent: for every image of the shard and both flips, "
     "the K/V output gradients summed over the fixed scoring draws (G_z); with the caption states (A_z) they "
     "give each image's gradient G_zᵀA_z, so scoring a query is a few matrix products.",
@@ -186,10 +190,13 @@ def _draw_provenance(model_version: str, config: TeacherConfig) -> dict[str, str
 @dg.asset(
     group_name="teacher",
     partitions_def=shard_partitions,
-    deps=["diffusion_model", "training_images"],
+    # training_gradients: its file holds these very losses when made by the same model and draws.
+    deps=["diffusion_model", "training_images", "training_gradients"],
     io_manager_key="array_io",
     kinds={"pytorch"},
     pool="gpu",
+    automation_condition=ON_NEW_SHARDS,
+    code_version="1",
     description="L(z, θ0) of every image of the shard and its flip on the fixed scoring draws: query-independent, "
     "computed once and reused by every query of the finite teacher. Taken from the shard's training_gradients "
     "file when that was made by the same model and draws (its forward pass computed exactly these losses), "
@@ -314,6 +321,7 @@ def _abu_check_specs() -> list[dg.AssetCheckSpec]:
 
 
 @dg.asset(
+    code_version="1",
     group_name="teacher",
     partitions_def=query_batch_partitions,
     deps=["dino_candidates", "ekfac_factors", "generated_queries", "training_gradients", "baseline_losses"],

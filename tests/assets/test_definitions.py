@@ -11,6 +11,7 @@ import dagster as dg
 
 from gda.home import Home
 from gda_assets.factory import build_defs
+from gda_assets.partitions import shard_partitions
 
 
 def _assets(defs: dg.Definitions) -> dict[str, dg.AssetSpec]:
@@ -42,7 +43,25 @@ def test_definitions_validate(tmp_path: Path) -> None:
         "training_embeddings": "student",
         "attribution_index": "student",
         "rank_eval": "evaluation",
+        "counterfactual_eval": "evaluation",
     }
+
+
+def test_only_a_new_shards_partitions_and_the_index_are_automated(tmp_path: Path) -> None:
+    """A shard arriving must not retrain the model or rescore queries: only per-shard assets and the index
+    carry an automation condition, every asset has a code version, and the sensors run on a fresh instance."""
+    defs = build_defs(home=Home(tmp_path), profile="tiny")
+    assets = _assets(defs)
+    automated = {name for name, node in assets.items() if node.automation_condition is not None}
+    per_shard = {name for name, node in assets.items() if node.partitions_def == shard_partitions}
+    assert automated == per_shard | {"attribution_index"}
+    assert per_shard == {
+        "training_images", "rejected_images", "image_features", "text_features", "training_gradients",
+        "baseline_losses", "training_embeddings",
+    }
+    assert all(node.code_version for node in assets.values())
+    for name in ("shard_sensor", "automation"):
+        assert defs.resolve_sensor_def(name).default_status == dg.DefaultSensorStatus.RUNNING
 
 
 def test_user_shards_leave_the_embedded_corpus_out(tmp_path: Path) -> None:
