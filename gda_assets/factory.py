@@ -30,7 +30,7 @@ from gda_assets.jobs import (
     teacher_shard_job,
 )
 from gda_assets.model import build_query_prompts, diffusion_model, generated_queries, query_features
-from gda_assets.student import attribution_embedder, attribution_index, training_embeddings
+from gda_assets.student import attribution_embedder, attribution_index, attribution_log, training_embeddings
 from gda_assets.teacher import abu_scores, baseline_losses, dino_candidates, ekfac_factors, training_gradients
 from resources import (
     ArrayIOManager,
@@ -48,6 +48,9 @@ from resources import (
     Warehouse,
 )
 
+
+# Who answers for every asset in the UI (an email or "team:NAME"); a deployment passes its own.
+OWNER = "team:data-attribution"
 
 # Runs what the automation conditions request (ON_NEW_SHARDS): one backfill per tick, so shards already
 # present are absorbed as one backfill rather than a run per partition.
@@ -87,10 +90,11 @@ def build_defs(
     profile: str | None = None,
     shards: Path | None = None,
     overrides: dict[str, Any] | None = None,
+    owner: str = OWNER,
 ) -> dg.Definitions:
     """Definitions for one home. With ``shards`` (a user's img2dataset folder) the embedded corpus is left
     out of the graph and everything downstream runs on the user's shards. ``overrides`` replace resources
-    by name."""
+    by name; ``owner`` owns every asset."""
     home = home or Home.resolve()
     embedded = shards is None
     resources = {**build_resources(home, profile, shards), **(overrides or {})}
@@ -112,6 +116,7 @@ def build_defs(
         attribution_index,
         rank_eval,
         build_counterfactual_eval(resources["evaluation"]),
+        attribution_log,
     ]
     jobs: list[Any] = [
         shard_job, ingest_job, model_job, query_batch_job, teacher_shard_job, teacher_job, baseline_job,
@@ -121,7 +126,7 @@ def build_defs(
         assets.insert(0, demo_corpus)
         jobs.append(demo_corpus_job)
     return dg.Definitions(
-        assets=assets,
+        assets=dg.map_asset_specs(lambda spec: spec.replace_attributes(owners=[owner]), assets),
         jobs=jobs,
         sensors=[shard_sensor, automation_sensor],
         resources=resources,

@@ -1,9 +1,11 @@
-"""Student assets: the distilled attribution embedder, the embeddings of every training image, and the FAISS
-index the query service searches."""
+"""Student assets: the distilled attribution embedder, the embeddings of every training image, the FAISS
+index the query service searches, and the attribution log the service writes (declared, not materialized)."""
 
 import dagster as dg
 
 from gda.arrays import IdArray
+from gda_assets.checks import column_schema
+from gda_assets.lineage import column_lineage
 from gda_assets.metadata import png_markdown
 from gda_assets.partitions import ON_NEW_SHARDS, every_partition, shard_partitions
 from resources import Artifacts, Compute, IndexSettings, StudentSettings, Warehouse
@@ -120,12 +122,18 @@ def training_embeddings(
     kinds={"faiss"},
     automation_condition=ON_NEW_SHARDS,
     code_version="1",
+    check_specs=[
+        dg.AssetCheckSpec(
+            "count_matches_embeddings", asset=INDEX, blocking=True,
+            description="The index holds exactly one vector per embedded training image, from every embedded shard.",
+        )
+    ],
     description="FAISS inner-product index of every training embedding (flat, IVF above a size). A new shard "
     "is added without a rebuild; a new embedder version, or a changed or removed shard, rebuilds it.",
 )
 def attribution_index(
     context: dg.AssetExecutionContext, artifacts: Artifacts, index: IndexSettings, training_embeddings: dict[str, IdArray]
-) -> dg.MaterializeResult:
+):
     from gda.attribution_index import INDEX_FILE, load_index, save_index, update_index
     from gda.embedder import load_embedder
     from gda.index import SearchSettings
@@ -144,7 +152,7 @@ def attribution_index(
     save_index(path, updated)
     manifest = updated.manifest
     context.log.info(f"attribution index: {action}")
-    return dg.MaterializeResult(
+    yield dg.MaterializeResult(
         metadata={
             "action": action,
             "count": manifest.count,
@@ -156,4 +164,26 @@ def attribution_index(
         },
         data_version=dg.DataVersion(manifest.version),
     )
+    embedded = sum(len(array.ids) for array in training_embeddings.values())
+    yield dg.AssetCheckResult(
+        check_name="count_matches_embeddings",
+        passed=updated.faiss_index.ntotal == manifest.count == embedded and sorted(manifest.shards) == sorted(training_embeddings),
+        metadata={"indexed": updated.faiss_index.ntotal, "embedded": embedded, "shards": len(manifest.shards)},
+    )
+
+
+attribution_log = dg.AssetSpec(
+    "attribution_log",
+    deps=["diffusion_model", EMBEDDER, INDEX, "training_images"],
+    group_name="serving",
+    kinds={"duckdb"},
+    metadata={
+        "dagster/table_name": "attribution_log",
+        "dagster/column_schema": column_schema("attribution_log"),
+        "dagster/column_lineage": column_lineage("attribution_log"),
+    },
+    description="Every answer of gda serve and gda query: the credited training images with their scores and the "
+    "model, embedder and index versions that answered. Written by the query service as it answers (not "
+    "materialized here); `gda audit` reads it.",
+)
 

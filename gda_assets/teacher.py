@@ -8,6 +8,7 @@ import polars as pl
 from gda import tables
 from gda.arrays import IdArray
 from gda_assets.checks import Partition, column_schema, table_check_results, table_check_specs
+from gda_assets.lineage import column_lineage
 from gda.diffusion.card import read_card, weights_version
 from gda_assets.model import load_bundle
 from gda.teacher import TeacherConfig, timesteps
@@ -49,7 +50,10 @@ def dino_candidates(
         seed=teacher.seed,
     )
     frame = tables.conform("dino_candidates", frame.with_columns(batch=pl.lit(context.partition_key)))
-    yield dg.Output(frame, metadata={"dagster/row_count": frame.height, "k": teacher.k_candidates})
+    yield dg.Output(
+        frame,
+        metadata={"dagster/row_count": frame.height, "k": teacher.k_candidates, "dagster/column_lineage": column_lineage("dino_candidates")},
+    )
     yield from table_check_results(warehouse, "dino_candidates", frame.height, Partition("batch", context.partition_key))
 
 
@@ -378,6 +382,7 @@ def abu_scores(
             "dagster/row_count": frame.height, "queries": len(batch.query_ids), "mode": teacher.mode,
             "candidates_per_query": n_candidates[0] if len(n_candidates) == 1 else str(n_candidates),
             "eta_median": float(np.median(etas)),
+            "dagster/column_lineage": column_lineage("abu_scores"),
         },
     )
     yield from table_check_results(warehouse, "abu_scores", frame.height, Partition("batch", batch_key))

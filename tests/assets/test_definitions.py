@@ -44,6 +44,7 @@ def test_definitions_validate(tmp_path: Path) -> None:
         "attribution_index": "student",
         "rank_eval": "evaluation",
         "counterfactual_eval": "evaluation",
+        "attribution_log": "serving",
     }
 
 
@@ -59,9 +60,20 @@ def test_only_a_new_shards_partitions_and_the_index_are_automated(tmp_path: Path
         "training_images", "rejected_images", "image_features", "text_features", "training_gradients",
         "baseline_losses", "training_embeddings",
     }
-    assert all(node.code_version for node in assets.values())
+    assert all(node.code_version for node in assets.values() if node.is_materializable)
     for name in ("shard_sensor", "automation"):
         assert defs.resolve_sensor_def(name).default_status == dg.DefaultSensorStatus.RUNNING
+
+
+def test_every_asset_is_described_owned_and_kinded(tmp_path: Path) -> None:
+    defs = build_defs(home=Home(tmp_path), profile="tiny", owner="team:audit")
+    for name, node in _assets(defs).items():
+        assert node.owners == ["team:audit"], name
+        assert node.description and node.kinds, name
+    log = _assets(defs)["attribution_log"]
+    assert not log.is_materializable  # the query service writes it
+    lineage = log.metadata["dagster/column_lineage"].deps_by_column["train_ids"]
+    assert [(d.asset_key.to_user_string(), d.column_name) for d in lineage] == [("training_images", "id")]
 
 
 def test_user_shards_leave_the_embedded_corpus_out(tmp_path: Path) -> None:
