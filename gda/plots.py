@@ -52,7 +52,8 @@ def image_grid_png(images: Sequence[np.ndarray], labels: Sequence[str], columns:
         axis.axis("off")
         if index < len(images):
             axis.imshow(images[index], interpolation="nearest")
-            axis.set_title(textwrap.shorten(labels[index], 72), fontsize=5, wrap=True)
+            # Explicit line breaks: matplotlib's wrap=True lets neighbouring titles run into each other.
+            axis.set_title(textwrap.fill(textwrap.shorten(labels[index], 96), 26), fontsize=5)
     if title:
         figure.suptitle(title, fontsize=9)
     try:
