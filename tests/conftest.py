@@ -1,4 +1,5 @@
-"""Fixtures of every test: no network, one torch thread, and the query service's served home."""
+"""Fixtures of every test: no network, one torch thread, the query service's served home, and the tiny demo's
+materialized home."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 
 if TYPE_CHECKING:
     from gda.encoders import ImageEncoder, TextEncoder
+    from gda.home import Home
     from servicekit import ServedHome
 
 # Test helpers (shardkit, sdkit) import as top-level modules.
@@ -51,3 +53,15 @@ def served_home(tmp_path_factory: pytest.TempPathFactory, tiny_encoders: tuple[I
     from servicekit import build_served_home
 
     return build_served_home(tmp_path_factory.mktemp("served_home"), *tiny_encoders)
+
+
+# The tiny demo, materialized once per session (minutes): tests/e2e asserts on its rows and files, and
+# tests/browser looks at it in the Dagster UI. Tests that rewrite it must leave the asserted data as it was.
+@pytest.fixture(scope="session")
+def demo_home(tmp_path_factory: pytest.TempPathFactory) -> Home:
+    from gda.cli import main
+    from gda.home import Home
+
+    home = Home(tmp_path_factory.mktemp("home"))
+    assert main(["demo", "--home", str(home.root), "--profile", "tiny"]) == 0
+    return home

@@ -1,30 +1,26 @@
 """The attribution explorer page in a real headless Chromium, against `gda serve`'s app running in uvicorn over
 the served home: an upload and a generated query each end in a gallery of the top-k training images.
 
-Playwright drives the system Chromium (Debian's `chromium` package, which CI installs); its own browser
-downloads are never used. A screenshot of each gallery is kept under $GDA_TEST_ARTIFACTS, else tmp_path.
+A screenshot of each gallery is kept (see conftest.py for the browser and where screenshots go).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import uvicorn
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
 from gda.api import create_app
 from gda.service import open_engine
 from servicekit import ServedHome
 from shardkit import png
 
-BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 START_TIMEOUT_S = 30.0
 
 
@@ -50,32 +46,12 @@ def base_url(served_home: ServedHome) -> Iterator[str]:
     listener.close()
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    found = next((path for name in BROWSERS if (path := shutil.which(name))), None)
-    if found is None:
-        pytest.fail(f"no Chromium found (looked for {', '.join(BROWSERS)}): apt-get install chromium")
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=found, headless=True)
-        yield chromium
-        chromium.close()
-
-
 @pytest.fixture
 def page(browser: Browser, base_url: str) -> Iterator[Page]:
     page = browser.new_page(viewport={"width": 1200, "height": 900})
     page.goto(base_url)
     yield page
     page.close()
-
-
-def screenshot(page: Page, name: str, tmp_path: Path) -> Path:
-    folder = Path(os.environ["GDA_TEST_ARTIFACTS"]) if os.environ.get("GDA_TEST_ARTIFACTS") else tmp_path
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    page.screenshot(path=path, full_page=True)
-    print(f"screenshot: {path}")
-    return path
 
 
 def expect_gallery(page: Page, served_home: ServedHome, k: int) -> None:
@@ -89,7 +65,9 @@ def expect_gallery(page: Page, served_home: ServedHome, k: int) -> None:
     expect(page.locator("#error")).to_be_hidden()
 
 
-def test_an_uploaded_image_shows_its_gallery_in_the_browser(page: Page, served_home: ServedHome, tmp_path: Path) -> None:
+def test_an_uploaded_image_shows_its_gallery_in_the_browser(
+    page: Page, served_home: ServedHome, tmp_path: Path, screenshot: Callable[[Page, str], Path]
+) -> None:
     upload = page.locator("#upload")
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("not an image")
@@ -106,10 +84,12 @@ def test_an_uploaded_image_shows_its_gallery_in_the_browser(page: Page, served_h
     expect_gallery(page, served_home, 3)
     expect(page.locator("#prompt")).to_have_text("“a red square”")
     assert page.locator("#gallery .source").first.get_attribute("href").startswith("https://example.test/")
-    screenshot(page, "explorer_upload.png", tmp_path)
+    screenshot(page, "explorer_upload.png")
 
 
-def test_a_generated_query_picked_shows_its_gallery_in_the_browser(page: Page, served_home: ServedHome, tmp_path: Path) -> None:
+def test_a_generated_query_picked_shows_its_gallery_in_the_browser(
+    page: Page, served_home: ServedHome, screenshot: Callable[[Page, str], Path]
+) -> None:
     query_id, prompt = list(served_home.query_prompts.items())[-1]
     pick = page.locator("#pick")
     expect(pick.locator("option")).to_have_count(len(served_home.query_prompts))
@@ -117,4 +97,4 @@ def test_a_generated_query_picked_shows_its_gallery_in_the_browser(page: Page, s
     pick.get_by_role("button", name="Attribute").click()
     expect_gallery(page, served_home, 5)
     expect(page.locator("#prompt")).to_have_text(f"“{prompt}”")
-    screenshot(page, "explorer_generated_query.png", tmp_path)
+    screenshot(page, "explorer_generated_query.png")

@@ -28,13 +28,6 @@ from sql import named_query
 from shardkit import good, png, write_tar
 
 
-@pytest.fixture(scope="module")
-def demo_home(tmp_path_factory: pytest.TempPathFactory) -> Home:
-    home = Home(tmp_path_factory.mktemp("home"))
-    assert main(["demo", "--home", str(home.root), "--profile", "tiny"]) == 0
-    return home
-
-
 def _query(home: Home, sql: str, params: list | None = None) -> list[tuple]:
     with duckdb.connect(str(home.duckdb_path), read_only=True) as con:
         return con.execute(sql, params or []).fetchall()
