@@ -45,6 +45,17 @@ def _next_shard(values: dict[str, Any], shards: int, into: Path) -> str:
     return key
 
 
+def _settle_copied_runs(home: Home) -> None:
+    """Runs in flight in the source home have no process in the copy; their pool slots would block every
+    run of the benchmark, so the copy marks them failed and frees the slots."""
+    import dagster as dg
+
+    instance = open_instance(home)
+    for run in instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING])):
+        instance.report_run_failed(run)
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+
+
 def _rebuild_seconds(home: Home, profile: str, shards: list[str]) -> float:
     """Every per-shard asset for every shard, one run per shard, then the index built from nothing."""
     import dagster as dg
@@ -74,6 +85,7 @@ def run(setting: Setting) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="gda-bench-incremental-") as scratch:
         home = Home(Path(scratch) / "home")
         shutil.copytree(source.root, home.root)
+        _settle_copied_runs(home)
         existing = len(list_shards(home.shards))
         key = _next_shard(setting.values, existing, home.shards)
 
