@@ -160,8 +160,11 @@ def markdown_table(table: pl.DataFrame) -> str:
         "|---|---|---|---|---|---|",
     ]
     for row in table.iter_rows(named=True):
-        cells = [
-            f"{row[name] * 1e3:.3f} ± {row[name + '_se'] * 1e3:.3f}" for name in ("delta_loss", "over_random", "pixel_mse")
-        ]
+        cells = [_with_error(row[name] * 1e3, row[name + "_se"] * 1e3) for name in ("delta_loss", "over_random", "pixel_mse")]
         lines.append(f"| {row['method']} | {row['k']} | {row['n_queries']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _with_error(value: float, error: float) -> str:
+    """`value ± error`, or the value alone where one query gives no standard error."""
+    return f"{value:.3f} ± {error:.3f}" if math.isfinite(error) else f"{value:.3f}"
