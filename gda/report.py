@@ -50,7 +50,7 @@ def counterfactual_section(rows: pl.DataFrame) -> str:
         return "Not measured yet: run `gda counterfactual` (it retrains the model once per query and cell)."
     hours = rows["train_seconds"].sum() / 3600
     return (
-        f"Leave-k-out: {rows.height} retrains from scratch ({hours:.1f} h of training), each without one "
+        f"Leave-k-out: {rows.height} retrains from scratch ({hours:.1f} h of retraining wall time), each without one "
         f"method's top k for one test query. ΔL = L(query, θ−k) − L(query, θ0) on fixed draws; higher means the "
         f"removed images mattered more (paper's expected order: random < raw features < distilled ≤ AbU+):\n\n"
         f"{counterfactual.markdown_table(counterfactual.summary(rows))}"

@@ -43,7 +43,7 @@ def test_the_report_shows_what_the_home_stored(database: Path, tmp_path: Path) -
     text = report.render(database, latency)
     assert "| distilled | 0.200 ± 0.020 | 0.180 ± 0.020 |" in text
     assert "distilled / raw concatenation: 4.00x at L = 10, 3.00x at L = 30." in text
-    assert "2 retrains from scratch (1.0 h of training)" in text
+    assert "2 retrains from scratch (1.0 h of retraining wall time)" in text
     assert "| teacher | 100 | 1 | 6.000 | 5.000 | 4.000 |" in text
     assert "| (a) / (b) | 1.60 |" in text and "(latency.json, 2 threads)" in text
 
