@@ -2,20 +2,30 @@
 the attribution explorer page at / (gda/explorer.html: a gallery of the answer for an uploaded image or one
 of the home's generated test queries, calling this API from the browser).
 
-Every refusal is a 4xx with a one-line `detail`: 409 while the engine refuses (index and embedder versions
-differ), 413 for a request body over the upload limit (enforced while the body is read, and before reading
-when the declared length is already over) or an image over Pillow's pixel limit, 415 for bytes that are not
-an image, 422 for an empty prompt or top_k out of range, 404 for an unknown training or query id.
+With a token (`gda serve` reads GDA_API_TOKEN), every endpoint that reaches the data needs it as
+`Authorization: Bearer TOKEN`; the static page, the OpenAPI spec and its docs stay open. So does /health, for
+liveness probes, which carry no credentials, but it tells a caller without the token only whether the engine
+answers: its versions and index size are the deployment's own business.
+
+Every refusal is a 4xx with a one-line `detail`: 401 without the token, 409 while the engine refuses (index
+and embedder versions differ), 413 for a request body over the upload limit (enforced while the body is read,
+and before reading when the declared length is already over) or an image over Pillow's pixel limit, 415 for
+an /attribute body that is not multipart/form-data or an image part whose bytes are not an image (the bytes
+decide, not the part's declared type, which clients often leave generic), 422 for an empty prompt or top_k
+out of range, 404 for an unknown training or query id.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations at run time, and they
 # refer to the engine in create_app's scope.
 import base64
+import hmac
+from collections.abc import Callable
 from importlib.resources import files
 from typing import Annotated, Literal
 
-from fastapi import FastAPI, File, Form, HTTPException, Response, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Request, Response, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -50,8 +60,11 @@ class GeneratedQueryResponse(BaseModel):
     image_url: str  # where to GET its PNG
 
 
-class Health(BaseModel):
+class Liveness(BaseModel):
     status: Literal["ok", "refusing"]
+
+
+class Health(Liveness):
     detail: str | None  # why it refuses
     versions: Versions
     indexed: int
@@ -89,23 +102,65 @@ class _BodyLimit:
         await self.app(scope, limited_receive, send)
 
 
-def create_app(engine: AttributionEngine, max_upload_bytes: int = 10 * MiB) -> FastAPI:
-    """The API answering from `engine`; its answers are logged by the engine's audit log (interface 'http')."""
+UNAUTHORIZED = "this API needs its token: send the header Authorization: Bearer TOKEN (the server's GDA_API_TOKEN)"
+
+
+def _caller_check(token: str | None) -> Callable[..., bool]:
+    """A dependency telling whether the caller may see the API's data: anyone without a token, otherwise only
+    a caller sending it as a bearer token (declared in the OpenAPI spec as the HTTPBearer scheme)."""
+    if token is None:
+
+        def anyone() -> bool:
+            return True
+
+        return anyone
+    expected = token.encode()
+    bearer = HTTPBearer(auto_error=False, description="the token the server was started with (GDA_API_TOKEN)")
+
+    def bearer_matches(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> bool:
+        # compare_digest takes as long whatever the guess; on bytes, since on str it refuses non-ASCII text.
+        return credentials is not None and hmac.compare_digest(credentials.credentials.encode(), expected)
+
+    return bearer_matches
+
+
+def _multipart_only(request: Request) -> None:
+    """415 for an /attribute body of another type, which would otherwise read as a form missing its fields."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "multipart/form-data":
+        raise HTTPException(415, f"send the image and prompt as multipart/form-data, not {media_type or 'a body without a content type'}")
+
+
+def create_app(engine: AttributionEngine, max_upload_bytes: int = 10 * MiB, token: str | None = None) -> FastAPI:
+    """The API answering from `engine`, only to callers sending `token` as a bearer token when one is given;
+    its answers are logged by the engine's audit log (interface 'http')."""
     if engine.audit is not None and engine.audit.interface != "http":
         raise ValueError(f"an HTTP API must log with interface 'http', not {engine.audit.interface!r}")
+    if token is not None and (not token or token != token.strip()):
+        # HTTP strips a header value's surrounding whitespace, so such a token could never be sent.
+        raise ValueError("the API token is empty or has surrounding whitespace: set GDA_API_TOKEN to the token clients send, or unset it")
     app = FastAPI(
         title="gda attribution",
         description="Which training images most influenced an image generated by the diffusion model.",
     )
     app.add_middleware(_BodyLimit, limit=max_upload_bytes)
     explorer_page = files("gda").joinpath("explorer.html").read_text(encoding="utf-8")
+    authorized = _caller_check(token)
+
+    def require_token(allowed: Annotated[bool, Depends(authorized)]) -> None:
+        if not allowed:
+            raise HTTPException(401, UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})
+
+    # Everything the data is reached through; FastAPI parses a body before it runs dependencies, so an
+    # unauthorized upload is still read, never past the upload limit.
+    api = APIRouter(dependencies=[Depends(require_token)])
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def explorer() -> str:
         """The attribution explorer: pick a generated test query or upload an image, see its top-k gallery."""
         return explorer_page
 
-    @app.post("/attribute", response_model=AttributeResponse)
+    @api.post("/attribute", response_model=AttributeResponse, dependencies=[Depends(_multipart_only)])
     def attribute(
         image: Annotated[UploadFile, File(description="the generated image (PNG, JPEG, WEBP, ...)")],
         prompt: Annotated[str, Form(description="the prompt the image was generated from")],
@@ -131,19 +186,19 @@ def create_app(engine: AttributionEngine, max_upload_bytes: int = 10 * MiB) -> F
         except FileNotFoundError as error:
             raise HTTPException(503, str(error)) from error
 
-    @app.get("/training-images/{train_id}", response_model=TrainingImageResponse)
+    @api.get("/training-images/{train_id}", response_model=TrainingImageResponse)
     def training_image(train_id: int) -> dict:
         """A training image's metadata, with the image itself as base64."""
         metadata, data = _training_image(train_id)
         return {**metadata, "image_base64": base64.b64encode(data).decode("ascii")}
 
-    @app.get("/training-images/{train_id}/image", response_class=Response)
+    @api.get("/training-images/{train_id}/image", response_class=Response)
     def training_image_bytes(train_id: int) -> Response:
         """The training image's bytes as stored in its shard."""
         metadata, data = _training_image(train_id)
         return Response(content=data, media_type=metadata["media_type"])
 
-    @app.get("/queries", response_model=list[GeneratedQueryResponse])
+    @api.get("/queries", response_model=list[GeneratedQueryResponse])
     def generated_queries() -> list[dict]:
         """The home's generated test queries, in query order, to try the attribution on (none before generated)."""
         return [
@@ -151,7 +206,7 @@ def create_app(engine: AttributionEngine, max_upload_bytes: int = 10 * MiB) -> F
             for query in engine.test_queries.values()
         ]
 
-    @app.get("/queries/{query_id}/image", response_class=Response)
+    @api.get("/queries/{query_id}/image", response_class=Response)
     def query_image(query_id: int) -> Response:
         """The generated test query's PNG."""
         try:
@@ -161,16 +216,19 @@ def create_app(engine: AttributionEngine, max_upload_bytes: int = 10 * MiB) -> F
         except FileNotFoundError as error:
             raise HTTPException(503, str(error)) from error
 
-    @app.get("/health", response_model=Health)
-    def health() -> dict:
-        """Whether the engine answers, what it answers with, and how many training images it searches."""
+    # With a token, /health's security is optional: OpenAPI's empty requirement `{}` means "or none"
+    # (FastAPI appends this list to the declared HTTPBearer requirement).
+    @app.get("/health", response_model=Health | Liveness, openapi_extra={"security": [{}]} if token else None)
+    def health(full: Annotated[bool, Depends(authorized)]) -> Health | Liveness:
+        """Whether the engine answers; to a caller with the token (or to anyone when the server has none) also
+        what it answers with and how many training images it searches."""
         refusal = engine.refusal
-        return {
-            "status": "ok" if refusal is None else "refusing",
-            "detail": refusal,
-            "versions": engine.versions,
-            "indexed": engine.index.manifest.count,
-            "max_top_k": engine.max_top_k,
-        }
+        status = "ok" if refusal is None else "refusing"
+        if not full:
+            return Liveness(status=status)
+        return Health(
+            status=status, detail=refusal, versions=engine.versions, indexed=engine.index.manifest.count, max_top_k=engine.max_top_k
+        )
 
+    app.include_router(api)
     return app

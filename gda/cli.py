@@ -218,17 +218,26 @@ def _print_sample_attribution(home: Home, profile: str | None, shards: Path | No
     print(f"same from the command line: gda query --home {home.root} --image {image} --prompt \"{prompt}\" --top-k 5")
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gda.api import MiB, create_app
     from gda.service import open_engine
 
+    # From the environment, never a flag: a command line is visible to every user of the machine in `ps`.
+    token = os.environ.get("GDA_API_TOKEN")
+    if token is None and args.host not in LOOPBACK_HOSTS:
+        print(f"gda: warning: serving on {args.host} without GDA_API_TOKEN: anyone who reaches the port can query "
+              "and read the training images; set GDA_API_TOKEN to require a bearer token", file=sys.stderr)
     _use_profile_threads(args.profile)
     with open_engine(Home.resolve(args.home), args.profile, interface="http") as engine:
         if engine.refusal is not None:
             print(f"gda: warning: {engine.refusal}; every query is refused until then", file=sys.stderr)
-        uvicorn.run(create_app(engine, max_upload_bytes=int(args.max_upload_mb * MiB)), host=args.host, port=args.port)
+        app = create_app(engine, max_upload_bytes=int(args.max_upload_mb * MiB), token=token)
+        uvicorn.run(app, host=args.host, port=args.port)
     return 0
 
 
@@ -291,7 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--json", action="store_true", help="print the answer as JSON")
     query.set_defaults(run=_cmd_query)
 
-    serve = commands.add_parser("serve", help="serve attribution queries over HTTP (explorer page at /, OpenAPI docs at /docs)")
+    serve = commands.add_parser(
+        "serve", help="serve attribution queries over HTTP (explorer page at /, OpenAPI docs at /docs)",
+        epilog="Set GDA_API_TOKEN to require it as a bearer token (Authorization: Bearer TOKEN) on every API call.",
+    )
     _add_common(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
@@ -306,12 +318,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(error: Exception) -> str:
+    """The error as one line; pydantic's (a setting out of range) otherwise spans four per field."""
+    from pydantic import ValidationError
+
+    if not isinstance(error, ValidationError):
+        return str(error)
+    problems = "; ".join(
+        f"{'.'.join(map(str, problem['loc'])) or 'settings'}: {problem['msg']} (got {problem['input']!r})" for problem in error.errors()
+    )
+    return f"invalid {error.title} settings: {problems}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except (FileNotFoundError, ValueError, TimeoutError) as error:
-        print(f"gda: {error}", file=sys.stderr)
+        print(f"gda: {_one_line(error)}", file=sys.stderr)
         return 2
 
 

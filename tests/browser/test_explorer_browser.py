@@ -1,49 +1,46 @@
 """The attribution explorer page in a real headless Chromium, against `gda serve`'s app running in uvicorn over
-the served home: an upload and a generated query each end in a gallery of the top-k training images.
+the served home: an upload and a generated query each end in a gallery of the top-k training images, and
+against an app with a token the page asks for it, then shows the gallery with the images fetched with it.
 
 A screenshot of each gallery is kept (see conftest.py for the browser and where screenshots go).
 """
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
+import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 from playwright.sync_api import Browser, Page, expect
 
+from bench.load import serving
 from gda.api import create_app
-from gda.service import open_engine
+from gda.service import AttributionEngine, open_engine
 from servicekit import ServedHome
 from shardkit import png
 
-START_TIMEOUT_S = 30.0
+TOKEN = secrets.token_urlsafe(16)
 
 
 @pytest.fixture(scope="module")
-def base_url(served_home: ServedHome) -> Iterator[str]:
-    """`gda serve`'s app on a loopback port of its own, in a background thread."""
-    # A socket bound here, handed to uvicorn, cannot lose its free port to another process in between.
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    host, port = listener.getsockname()
+def engine(served_home: ServedHome) -> Iterator[AttributionEngine]:
     with open_engine(served_home.home, "tiny", interface="http") as engine:
-        server = uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning"))
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                pytest.fail(f"uvicorn did not start on {host}:{port} within {START_TIMEOUT_S:g} s")
-            time.sleep(0.05)
-        yield f"http://{host}:{port}"
-        server.should_exit = True
-        thread.join(timeout=START_TIMEOUT_S)
-    listener.close()
+        yield engine
+
+
+@pytest.fixture(scope="module")
+def base_url(engine: AttributionEngine) -> Iterator[str]:
+    """`gda serve`'s app on a loopback port of its own, in a background thread."""
+    with serving(create_app(engine)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def locked_url(engine: AttributionEngine) -> Iterator[str]:
+    """The same, started with a token (GDA_API_TOKEN)."""
+    with serving(create_app(engine, token=TOKEN)) as url:
+        yield url
 
 
 @pytest.fixture
@@ -98,3 +95,35 @@ def test_a_generated_query_picked_shows_its_gallery_in_the_browser(
     expect_gallery(page, served_home, 5)
     expect(page.locator("#prompt")).to_have_text(f"“{prompt}”")
     screenshot(page, "explorer_generated_query.png")
+
+
+def test_with_a_token_the_page_asks_for_it_and_sends_it(
+    browser: Browser, locked_url: str, served_home: ServedHome, screenshot: Callable[[Page, str], Path]
+) -> None:
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page.goto(locked_url)
+    token = page.locator("#token")
+    expect(token).to_be_visible()
+    expect(page.locator("#error")).to_contain_text("this API needs its token")
+    expect(page.locator("#pick option")).to_have_count(0)
+
+    token.locator("input").fill("not the token")
+    token.get_by_role("button", name="Use token").click()
+    page.wait_for_function("sessionStorage.getItem('gda-api-token') === null")  # refused, so forgotten
+    expect(token).to_be_visible()  # and asked for again
+    token.locator("input").fill(TOKEN)
+    token.get_by_role("button", name="Use token").click()
+    expect(token).to_be_hidden()
+    expect(page.locator("#health")).to_contain_text(f"index {served_home.index_version}")
+
+    pick = page.locator("#pick")
+    expect(pick.locator("option")).to_have_count(len(served_home.query_prompts))
+    pick.get_by_role("button", name="Attribute").click()
+    expect_gallery(page, served_home, 5)  # the training images too came through with the token
+    assert page.evaluate("sessionStorage.getItem('gda-api-token')") == TOKEN
+    screenshot(page, "explorer_with_token.png")
+
+    page.reload()  # the tab keeps the token: no second prompt
+    expect(page.locator("#pick option")).to_have_count(len(served_home.query_prompts))
+    expect(token).to_be_hidden()
+    page.close()

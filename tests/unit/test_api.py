@@ -229,5 +229,6 @@ def test_serve_runs_the_app_on_loopback(served_home: ServedHome, monkeypatch: py
         seen["limit"] = small.post("/attribute", files={"image": ("q.png", b"x" * 3 * 2**20, "image/png")}, data={"prompt": "p"}).status_code
 
     monkeypatch.setattr(uvicorn, "run", fake_run)
+    monkeypatch.delenv("GDA_API_TOKEN", raising=False)  # with a token: tests/reliability/test_api_hardening.py
     assert cli.main(["serve", "--home", str(served_home.home.root), "--profile", "tiny", "--max-upload-mb", "2"]) == 0
     assert seen == {"host": "127.0.0.1", "port": 8000, "health": "ok", "limit": 413}
