@@ -1,4 +1,5 @@
-"""Blocking asset checks, generated from the one schema source (sql/schema.sql), plus table invariants.
+"""Asset checks of stored tables, generated from the one schema source (sql/schema.sql), plus table
+invariants (blocking) and warnings (non-blocking: what they count is allowed but worth a look).
 
 Checks run inside the writing asset's step, right after its output is stored, and read the stored rows
 back with a read-only connection: they verify what is in DuckDB, not the frame that was meant to be.
@@ -131,6 +132,20 @@ INVARIANTS: dict[str, list[Invariant]] = {
 }
 
 
+# Warnings have the shape of invariants; a violation fails the check with severity WARN and blocks nothing.
+WARNINGS: dict[str, list[Invariant]] = {
+    "training_images": [
+        (
+            "no_duplicate_images",
+            "No image of the shard (by sha256) is also stored under another key or in another shard: a copied "
+            "shard or a repeated download counts twice in the index and in every attribution.",
+            "SELECT count(*) FROM {table} {where} AND sha256 IN "
+            "(SELECT sha256 FROM {table} GROUP BY sha256 HAVING count(*) > 1)",
+        ),
+    ],
+}
+
+
 def column_schema(table: str) -> dg.TableSchema:
     return dg.TableSchema(
         columns=[
@@ -158,6 +173,7 @@ def table_check_specs(table: str, asset: str | None = None) -> list[dg.AssetChec
         )
     ]
     specs += [dg.AssetCheckSpec(name, asset=asset, blocking=True, description=text) for name, text, _ in INVARIANTS.get(table, [])]
+    specs += [dg.AssetCheckSpec(name, asset=asset, description=text) for name, text, _ in WARNINGS.get(table, [])]
     return specs
 
 
@@ -214,12 +230,18 @@ def table_check_results(
     """Evaluate every check of ``table_check_specs(table, asset)`` against the stored rows of ``part``."""
     asset = asset or table
     results = [_schema_result(warehouse, table, asset, part, expected_rows)]
-    for name, _, template in INVARIANTS.get(table, []):
+    checks = [(check, dg.AssetCheckSeverity.ERROR) for check in INVARIANTS.get(table, [])]
+    checks += [(check, dg.AssetCheckSeverity.WARN) for check in WARNINGS.get(table, [])]
+    for (name, _, template), severity in checks:
         sql = template.format(table=f"{tables.SCHEMA}.{table}", schema=tables.SCHEMA, where=part.where)
         violations = warehouse.query(sql, part.params(sql)).item()
         results.append(
             dg.AssetCheckResult(
-                check_name=name, asset_key=asset, passed=violations == 0, metadata={"violations": violations}
+                check_name=name,
+                asset_key=asset,
+                passed=violations == 0,
+                severity=severity,
+                metadata={"violations": violations},
             )
         )
     return results

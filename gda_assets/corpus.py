@@ -5,7 +5,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from gda.corpus.ingest import ingest_shard
+from gda.corpus.ingest import IngestResult, ingest_shard
 from gda.corpus.shards import list_shards
 from gda_assets.checks import Partition, column_schema, table_check_results, table_check_specs
 from gda_assets.partitions import ON_NEW_SHARDS, shard_partitions
@@ -40,6 +40,25 @@ def demo_corpus(
     )
 
 
+PARQUET_CHECK = "agrees_with_parquet"
+
+
+def _parquet_check(result: IngestResult) -> dg.AssetCheckResult:
+    parquet = result.parquet
+    return dg.AssetCheckResult(
+        check_name=PARQUET_CHECK,
+        asset_key="training_images",
+        passed=parquet.agrees,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=parquet.summary(),
+        metadata={
+            "keys_only_in_tar": len(parquet.only_in_tar),
+            "keys_only_in_parquet": len(parquet.only_in_parquet),
+            "captions_differ": len(parquet.caption_differs),
+        },
+    )
+
+
 def build_training_images(embedded: bool) -> dg.AssetsDefinition:
     """Ingest one shard; depends on ``demo_corpus`` only when the embedded corpus is the source."""
 
@@ -61,7 +80,16 @@ def build_training_images(embedded: bool) -> dg.AssetsDefinition:
         partitions_def=shard_partitions,
         group_name="corpus",
         deps=["demo_corpus"] if embedded else [],
-        check_specs=table_check_specs("training_images") + table_check_specs("rejected_images"),
+        check_specs=[
+            *table_check_specs("training_images"),
+            *table_check_specs("rejected_images"),
+            dg.AssetCheckSpec(
+                PARQUET_CHECK,
+                asset="training_images",
+                description="The shard's NNNNN.parquet lists exactly the tar's samples with their captions (a shard "
+                "without one passes). Non-blocking: the tar holds the bytes and is ingested as is either way.",
+            ),
+        ],
         pool="duckdb",
     )
     def training_images(context: dg.AssetExecutionContext, corpus: CorpusSource, warehouse: Warehouse):
@@ -70,11 +98,21 @@ def build_training_images(embedded: bool) -> dg.AssetsDefinition:
         result = ingest_shard(corpus.shard_path(shard))
         if result.read_error:
             context.log.warning(f"shard {shard} is damaged ({result.read_error}); samples before it were kept")
+        if not result.parquet.agrees:
+            context.log.warning(f"shard {shard}: {result.parquet.summary()}")
         context.log.info(f"shard {shard}: {result.accepted.height} accepted, {result.rejected.height} rejected")
-        for table, frame in (("training_images", result.accepted), ("rejected_images", result.rejected)):
-            yield dg.Output(frame, output_name=table, metadata={"dagster/row_count": frame.height})
+        accepted = {
+            "dagster/row_count": result.accepted.height,
+            "parquet": result.parquet.summary(),
+            "parquet_disagreements": result.parquet.disagreements,
+        }
+        if result.read_error:
+            accepted["read_error"] = result.read_error
+        yield dg.Output(result.accepted, output_name="training_images", metadata=accepted)
+        yield dg.Output(result.rejected, output_name="rejected_images", metadata={"dagster/row_count": result.rejected.height})
         for table, frame in (("training_images", result.accepted), ("rejected_images", result.rejected)):
             yield from table_check_results(warehouse, table, frame.height, Partition("shard", shard))
+        yield _parquet_check(result)
 
     return training_images
 

@@ -4,13 +4,23 @@
 from pathlib import Path
 
 import dagster as dg
+from pydantic import field_validator
+
+from gda.corpus.shards import shard_file
+from gda.paths import resolved
 
 
 class CorpusSource(dg.ConfigurableResource):
     shards_dir: str  # img2dataset output folder: NNNNN.tar (+ NNNNN.parquet)
 
+    # Resolved once, so a run reads the folder the definitions named whatever its working directory.
+    @field_validator("shards_dir")
+    @classmethod
+    def _resolved(cls, value: str) -> str:
+        return str(resolved(value))
+
     def shard_path(self, shard: str) -> Path:
-        return Path(self.shards_dir) / f"{shard}.tar"
+        return shard_file(Path(self.shards_dir), shard)
 
 
 class DemoCorpusSource(dg.ConfigurableResource):

@@ -2,6 +2,9 @@
 folder), how it is trained, and how queries are sampled from it."""
 
 import dagster as dg
+from pydantic import Field, field_validator, model_validator
+
+from gda.paths import model_folder, resolved
 
 
 class ScratchModelSettings(dg.Config):
@@ -21,8 +24,8 @@ class ScratchModelSettings(dg.Config):
 
 
 class TrainSettings(dg.Config):
-    steps: int = 2000
-    batch_size: int = 64
+    steps: int = Field(default=2000, ge=1)
+    batch_size: int = Field(default=64, ge=1)
     lr: float = 1e-3
     seed: int = 0
     cfg_dropout: float = 0.1
@@ -30,7 +33,7 @@ class TrainSettings(dg.Config):
 
 
 class SamplingSettings(dg.Config):
-    steps: int = 50
+    steps: int = Field(default=50, ge=1)
     guidance_scale: float = 3.0
     guidance_rescale: float = 0.0  # blend toward the conditional output's std (keeps v-pred backgrounds)
 
@@ -44,6 +47,20 @@ class DiffusionSource(dg.ConfigurableResource):
     training: TrainSettings = TrainSettings()
     sampling: SamplingSettings = SamplingSettings()
 
+    # Checked when the definitions load, not an hour into a run: the folder exists and nothing in it links out.
+    @field_validator("pretrained_path", "shipped_checkpoint")
+    @classmethod
+    def _model_folder(cls, value: str | None, info) -> str | None:
+        return None if value is None else str(model_folder(value, info.field_name))
+
+    @model_validator(mode="after")
+    def _kind(self) -> "DiffusionSource":
+        if self.kind not in ("scratch", "pretrained"):
+            raise ValueError(f"kind must be 'scratch' or 'pretrained', got {self.kind!r}")
+        if self.kind == "pretrained" and not self.pretrained_path:
+            raise ValueError("kind 'pretrained' needs pretrained_path: a local Stable Diffusion folder")
+        return self
+
 
 class QueryPlan(dg.ConfigurableResource):
     """How many generated queries of each split, and how many per query-batch partition."""
@@ -51,6 +68,11 @@ class QueryPlan(dg.ConfigurableResource):
     n_train: int = 240
     n_val: int = 40
     n_test: int = 40
-    batch_size: int = 40
+    batch_size: int = Field(default=40, ge=1)
     seed: int = 0
     prompts_file: str | None = None  # parquet/txt of prompts for user corpora; default: held-out captions
+
+    @field_validator("prompts_file")
+    @classmethod
+    def _resolved(cls, value: str | None) -> str | None:
+        return None if value is None else str(resolved(value))

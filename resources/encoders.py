@@ -3,8 +3,10 @@
 
 
 import dagster as dg
+from pydantic import Field, field_validator
 
 from gda.encoders import EncoderSpec, ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
+from gda.paths import resolved
 
 
 class Encoders(dg.ConfigurableResource):
@@ -12,8 +14,15 @@ class Encoders(dg.ConfigurableResource):
     image_model: str | None = None  # local folder or a hub id already in the HF cache
     text_backend: str = "minilm"  # or "hf": CLIP text from text_model
     text_model: str | None = None
-    image_size: int = 224
-    batch_size: int = 64
+    image_size: int = Field(default=224, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+
+    # A local folder is resolved now, so every run reads the same one; anything else is a hub id, looked up
+    # in the HF cache when the encoder loads (which names what is missing).
+    @field_validator("image_model", "text_model")
+    @classmethod
+    def _resolved(cls, value: str | None) -> str | None:
+        return str(resolved(value)) if value is not None and resolved(value).is_dir() else value
 
     def spec(self, device: str) -> EncoderSpec:
         return EncoderSpec(

@@ -1,5 +1,7 @@
 """How the distilled attribution is evaluated against the teacher."""
 
+from typing import Annotated
+
 import dagster as dg
 from pydantic import Field
 
@@ -10,12 +12,12 @@ class EvaluationSettings(dg.ConfigurableResource):
     l_fractions: list[float] = [0.0033, 0.01, 0.033]
     seed: int = 0  # of the random baseline's permutations
     gallery_queries: int = 4
-    gallery_top_k: int = 6
+    gallery_top_k: int = Field(default=6, ge=1)
     # Counterfactual leave-k-out: one partition per method x k x group of test queries, each retraining the
     # model once per query of its group. These fix the partition keys, so they are read when the
     # definitions load.
     counterfactual_methods: list[str] = ["random", "concat_raw", "distilled", "teacher"]
-    counterfactual_k: list[int] = [100]
+    counterfactual_k: list[Annotated[int, Field(ge=1)]] = [100]
     counterfactual_queries: int = Field(default=4, ge=1)  # the first n test queries by id
     counterfactual_group_size: int = Field(default=1, ge=1)
     loss_draws: int = Field(default=256, ge=1)  # fixed draws of the query loss before and after removal

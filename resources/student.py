@@ -13,14 +13,14 @@ class StudentSettings(dg.ConfigurableResource):
     normalise_parts: bool = True
     lr: float = 1e-3
     weight_decay: float = 0.01
-    batch_size: int = 4096
-    epochs: int = 10
+    batch_size: int = Field(default=4096, ge=1)
+    epochs: int = Field(default=10, ge=1)
     seed: int = 0
     # Positions of each train query's teacher ranking the student learns from (label rank / top_k); with
     # whole-set rankings (first-order teacher) these are the teacher's top-K over every training image.
     top_k: int = Field(default=300, ge=1)
     p_negative: float = Field(default=0.1, ge=0.0, lt=1.0)  # pairs replaced by a random non-candidate, label 1
-    per_query: int | None = None  # candidates kept per training query (None: all of them)
+    per_query: int | None = Field(default=None, ge=1)  # candidates kept per training query (None: all of them)
     val_fraction_l: float = 0.01  # validation mAP positives: this fraction of the training set
 
 

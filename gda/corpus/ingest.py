@@ -1,8 +1,12 @@
-"""Ingest one shard: decide for every sample whether it is usable, and say why not.
+"""Ingest one shard: decide for every sample whether it is usable, and say why not; and say where the
+shard's parquet disagrees with its tar.
 
 Every sample ends in exactly one of two frames: ``training_images`` rows (accepted) or ``rejected_images``
 rows (with a reason code and a one-line detail). Nothing is silently dropped, and one bad sample never
 stops the shard: a damaged tar keeps the samples read before the damage.
+
+The tar is authoritative: it holds the bytes. ``NNNNN.parquet`` (img2dataset's listing of the shard) is only
+compared with it, and a disagreement is reported, never acted on.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import polars as pl
 from PIL import Image
 
 from gda import tables
-from gda.corpus.shards import IMAGE_EXTENSIONS, RawEntry, ShardReader, image_id, shard_number
+from gda.corpus.shards import IMAGE_EXTENSIONS, RawEntry, ShardReader, image_id, parquet_path, shard_number
 
 # Reason codes stored in rejected_images.reason.
 REASONS: dict[str, str] = {
@@ -46,12 +50,51 @@ class IngestLimits:
     max_caption_chars: int = 4096
 
 
+# Keys named per kind of disagreement in a one-line summary.
+EXAMPLES = 3
+
+
+@dataclass(frozen=True)
+class ParquetAgreement:
+    """How the shard's parquet agrees with its tar. Keys are sorted (img2dataset keys sort in tar order)."""
+
+    parquet: str | None  # file name; None when the shard has none, which is fine: a tar alone is a shard
+    unreadable: str | None = None  # why the parquet could not be compared
+    only_in_tar: tuple[str, ...] = ()  # samples of the tar the parquet does not list
+    only_in_parquet: tuple[str, ...] = ()  # downloads the parquet lists as successful that the tar lacks
+    caption_differs: tuple[str, ...] = ()  # accepted samples whose caption is not the parquet's
+
+    @property
+    def disagreements(self) -> int:
+        return len(self.only_in_tar) + len(self.only_in_parquet) + len(self.caption_differs)
+
+    @property
+    def agrees(self) -> bool:
+        return self.unreadable is None and self.disagreements == 0
+
+    def summary(self) -> str:
+        if self.parquet is None:
+            return "no parquet beside the tar: nothing to compare (the tar alone is a complete shard)"
+        if self.unreadable is not None:
+            return f"{self.parquet} could not be compared ({self.unreadable}); the tar was ingested as is"
+        kinds = (
+            ("keys only in the tar", self.only_in_tar),
+            ("keys only in the parquet", self.only_in_parquet),
+            ("captions differ", self.caption_differs),
+        )
+        found = [f"{what}: {len(keys)} (first: {', '.join(keys[:EXAMPLES])})" for what, keys in kinds if keys]
+        if not found:
+            return f"{self.parquet} agrees with the tar"
+        return f"{self.parquet} disagrees with the tar, which was ingested as is: " + "; ".join(found)
+
+
 @dataclass(frozen=True)
 class IngestResult:
     shard: str
     accepted: pl.DataFrame  # conforms to training_images
     rejected: pl.DataFrame  # conforms to rejected_images
     read_error: str | None
+    parquet: ParquetAgreement
 
 
 class Rejection(Exception):
@@ -91,6 +134,11 @@ def _decode_image(data: bytes, limits: IngestLimits) -> tuple[int, int, str]:
         raise Rejection("undecodable_image", str(error)) from error
 
 
+def caption_lines(text: str) -> list[str]:
+    """The captions in a caption text: its non-blank lines, stripped."""
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def _captions(data: bytes | None, limits: IngestLimits) -> list[str]:
     if data is None:
         raise Rejection("missing_caption", "no KEY.txt member")
@@ -100,7 +148,7 @@ def _captions(data: bytes | None, limits: IngestLimits) -> list[str]:
         raise Rejection("bad_caption_encoding", f"not UTF-8 at byte {error.start}") from error
     if len(text) > limits.max_caption_chars:
         raise Rejection("caption_too_long", f"{len(text)} characters, limit {limits.max_caption_chars}")
-    captions = [line.strip() for line in text.splitlines() if line.strip()]
+    captions = caption_lines(text)
     if not captions:
         raise Rejection("missing_caption", "KEY.txt is blank")
     return captions
@@ -113,6 +161,8 @@ def _metadata(data: bytes | None) -> dict[str, object]:
         meta = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise Rejection("bad_metadata", f"KEY.json does not parse: {error}") from error
+    except RecursionError as error:
+        raise Rejection("bad_metadata", "KEY.json nests deeper than Python's recursion limit") from error
     if not isinstance(meta, dict):
         raise Rejection("bad_metadata", f"KEY.json holds a {type(meta).__name__}, not an object")
     return meta
@@ -181,14 +231,53 @@ def classify(entries: Iterable[RawEntry], shard: str, number: int, limits: Inges
     return accepted, rejected
 
 
+def compare_parquet(path: Path, tar_keys: set[str], captions: dict[str, str]) -> ParquetAgreement:
+    """Compare the parquet at ``path`` with the tar's sample keys and the first captions of its accepted
+    samples (by key)."""
+    if not path.is_file():
+        return ParquetAgreement(None)
+    try:
+        columns = [c for c in ("key", "caption", "status") if c in pl.read_parquet_schema(path)]
+        listing = pl.read_parquet(path, columns=columns).with_columns(pl.col(columns).cast(pl.String))
+    except (pl.exceptions.PolarsError, OSError) as error:
+        return ParquetAgreement(path.name, unreadable=f"{type(error).__name__}: {error}".replace("\n", " "))
+    if "key" not in columns:
+        return ParquetAgreement(path.name, unreadable="it has no key column")
+    listing = listing.filter(pl.col("key").is_not_null())
+    if "status" in columns:
+        # img2dataset lists failed downloads too; only its successes are in the tar.
+        listing = listing.filter(pl.col("status") == "success")
+    listed = listing["key"].to_list()
+    differs: list[str] = []
+    if "caption" in columns:
+        for key, caption in zip(listed, listing["caption"].to_list()):
+            if key in captions and caption_lines(caption or "")[:1] != [captions[key]]:
+                differs.append(key)
+    return ParquetAgreement(
+        path.name,
+        only_in_tar=tuple(sorted(tar_keys - set(listed))),
+        only_in_parquet=tuple(sorted(set(listed) - tar_keys)),
+        caption_differs=tuple(sorted(differs)),
+    )
+
+
 def ingest_shard(path: Path, limits: IngestLimits = IngestLimits()) -> IngestResult:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"shard {path} does not exist: restore it, or delete its partition if it is gone for good"
+        )
     number = shard_number(path)
     shard = path.stem  # the partition key, exactly as the file is named
     reader = ShardReader(path)
-    accepted, rejected = classify(reader, shard, number, limits)
+    accepted_rows, rejected_rows = classify(reader, shard, number, limits)
+    accepted = tables.conform("training_images", pl.DataFrame(accepted_rows, schema=tables.polars_schema("training_images")))
+    rejected = tables.conform("rejected_images", pl.DataFrame(rejected_rows, schema=tables.polars_schema("rejected_images")))
+    tar_keys = set(accepted["key"].to_list()) | set(rejected["key"].to_list())
+    first_captions = dict(zip(accepted["key"].to_list(), accepted["caption"].to_list()))
     return IngestResult(
         shard=shard,
-        accepted=tables.conform("training_images", pl.DataFrame(accepted, schema=tables.polars_schema("training_images"))),
-        rejected=tables.conform("rejected_images", pl.DataFrame(rejected, schema=tables.polars_schema("rejected_images"))),
+        accepted=accepted,
+        rejected=rejected,
         read_error=reader.read_error,
+        parquet=compare_parquet(parquet_path(path), tar_keys, first_captions),
     )

@@ -19,6 +19,8 @@ from pathlib import Path
 import polars as pl
 from PIL import Image
 
+from gda.images import to_rgb
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SHARD_DIGITS = 5
 
@@ -49,13 +51,31 @@ class RawEntry:
     truncated: bool = False
 
 
+def _is_number(text: str) -> bool:
+    # ASCII only: str.isdigit() also accepts digits such as "²" that int() refuses.
+    return text.isascii() and text.isdigit()
+
+
 def shard_number(path: Path) -> int:
     """The numeric shard index from ``NNNNN.tar``; ids of its images are derived from it."""
-    if not path.stem.isdigit():
+    if not _is_number(path.stem):
         raise ShardNameError(
             f"shard {path.name!r} is not named NNNNN.tar as img2dataset writes them; rename it to digits"
         )
     return int(path.stem)
+
+
+def shard_file(directory: Path, shard: str) -> Path:
+    """The tar of shard ``shard`` (a partition key) in ``directory``. Only digits are a shard key, so no key
+    (``../x``, a partition added by hand in the UI) can name a file outside the folder."""
+    if not _is_number(shard):
+        raise ShardNameError(f"shard key {shard!r} is not the digits of a NNNNN.tar; shard partitions are named by their tar")
+    return Path(directory) / f"{shard}.tar"
+
+
+def parquet_path(tar: Path) -> Path:
+    """Where img2dataset writes a shard's metadata: ``NNNNN.parquet`` beside ``NNNNN.tar``."""
+    return tar.with_suffix(".parquet")
 
 
 def shard_key(number: int) -> str:
@@ -72,7 +92,7 @@ def image_id(shard: int, ordinal: int) -> int:
 
 def list_shards(directory: Path) -> list[Path]:
     """Shard tars in a folder, sorted; files not named NNNNN.tar are ignored (partial downloads, notes)."""
-    return sorted(p for p in Path(directory).glob("*.tar") if p.stem.isdigit() and p.is_file())
+    return sorted(p for p in Path(directory).glob("*.tar") if _is_number(p.stem) and p.is_file())
 
 
 def _split_member_name(name: str) -> tuple[str, str]:
@@ -153,8 +173,8 @@ def write_shard(directory: Path, number: int, samples: Iterable[ShardSample]) ->
                 }
             )
     os.replace(tmp_tar, tar_path)
-    parquet_path = directory / f"{stem}.parquet"
-    tmp_parquet = parquet_path.with_name(f".{stem}.parquet.tmp")
+    metadata = parquet_path(tar_path)
+    tmp_parquet = metadata.with_name(f".{stem}.parquet.tmp")
     pl.DataFrame(
         rows,
         schema={
@@ -167,7 +187,7 @@ def write_shard(directory: Path, number: int, samples: Iterable[ShardSample]) ->
             "status": pl.String,
         },
     ).write_parquet(tmp_parquet)
-    os.replace(tmp_parquet, parquet_path)
+    os.replace(tmp_parquet, metadata)
     return tar_path
 
 
@@ -183,7 +203,7 @@ def iter_image_bytes(path: Path, keys: Iterable[str]) -> Iterator[tuple[str, byt
 
 
 def load_images(path: Path, keys: Sequence[str]) -> list[Image.Image]:
-    """The decoded images of ``keys`` (ingested samples), in the order of ``keys``."""
+    """The decoded images of ``keys`` (ingested samples) as RGB (``gda.images.to_rgb``), in the order of ``keys``."""
     found = dict(iter_image_bytes(path, keys))
     missing = [key for key in keys if key not in found]
     if missing:
@@ -191,4 +211,4 @@ def load_images(path: Path, keys: Sequence[str]) -> list[Image.Image]:
             f"{path.name} no longer holds {len(missing)} ingested samples (first: {missing[0]}); "
             "the shard changed since ingest: re-materialize training_images for it"
         )
-    return [Image.open(io.BytesIO(found[key])) for key in keys]
+    return [to_rgb(Image.open(io.BytesIO(found[key]))) for key in keys]

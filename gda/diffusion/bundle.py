@@ -20,6 +20,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from gda.diffusion.conditioning import TextConditioner, minilm_conditioner
+from gda.paths import model_folder
 
 MODEL_JSON = "gda_model.json"
 NUM_TRAIN_TIMESTEPS = 1000
@@ -28,7 +29,7 @@ SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _WEIGHTED = ("unet", "vae", "text_encoder")
 
 
-class ModelFolderError(RuntimeError):
+class ModelFolderError(ValueError):
     """A model folder is missing a component, its safetensors weights, or our JSON."""
 
 
@@ -162,15 +163,19 @@ def build_from_scratch(config: ScratchModelConfig) -> DiffusionBundle:
     return DiffusionBundle(unet.eval(), _ddpm_scheduler(config), text, None, "scratch", config)
 
 
-def _require_components(path: Path, components: tuple[str, ...]) -> None:
+def _checked_folder(path: str | Path, components: tuple[str, ...]) -> Path:
+    """``path`` resolved, holding ``components`` with safetensors weights, and nothing that links outside it."""
+    path = Path(path)
     if not path.is_dir():
         raise ModelFolderError(f"model folder {path} does not exist")
+    path = model_folder(path, "model folder")
     for name in components:
         folder = path / name
         if not folder.is_dir():
             raise ModelFolderError(f"{path} is missing {name}/ (expected {', '.join(c + '/' for c in components)})")
         if name in _WEIGHTED and not any(folder.glob("*.safetensors")):
             raise ModelFolderError(f"{folder} has no .safetensors weights (pickled .bin weights are not loaded)")
+    return path
 
 
 def load_pretrained(path: str | Path) -> DiffusionBundle:
@@ -179,8 +184,7 @@ def load_pretrained(path: str | Path) -> DiffusionBundle:
     The scheduler folder may hold any diffusers scheduler config (SD ships PNDM); its betas and
     prediction type are read into a DDPMScheduler, which defines the training loss.
     """
-    path = Path(path)
-    _require_components(path, SD_COMPONENTS)
+    path = _checked_folder(path, SD_COMPONENTS)
     unet = UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=True, local_files_only=True)
     vae = AutoencoderKL.from_pretrained(path / "vae", use_safetensors=True, local_files_only=True)
     encoder = CLIPTextModel.from_pretrained(path / "text_encoder", use_safetensors=True, local_files_only=True)
@@ -225,7 +229,7 @@ def load(path: str | Path) -> DiffusionBundle:
         return load_pretrained(path)
     if meta["kind"] != "scratch":
         raise ModelFolderError(f"{meta_path}: unknown kind {meta['kind']!r}")
-    _require_components(path, ("unet", "scheduler"))
+    path = _checked_folder(path, ("unet", "scheduler"))
     if meta["text_conditioner"]["name"] != "minilm":
         raise ModelFolderError(f"{meta_path}: scratch models condition on minilm, not {meta['text_conditioner']['name']!r}")
     config = ScratchModelConfig.from_dict(meta["config"])

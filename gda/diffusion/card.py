@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gda.paths import inside, model_folder
+
 CARD = "model_card.json"
 
 
@@ -74,4 +76,8 @@ def read_card(folder: Path) -> ModelCard:
 
 
 def weights_dir(folder: Path, card: ModelCard) -> Path:
-    return (folder / card.weights).resolve()
+    """The folder the card's weights are in: a pretrained model's is the folder it was registered from; a
+    model trained here keeps its weights inside the card's folder, and a card naming another is refused."""
+    if card.kind == "pretrained":
+        return model_folder(card.weights, "pretrained model")
+    return model_folder(inside(folder, card.weights, "model card weights"), "model weights")

@@ -19,8 +19,8 @@ T = TypeVar("T")
 _CHUNK = 1 << 20
 
 
-class EncoderError(RuntimeError):
-    """An encoder could not be built (unknown backend, missing model, unsupported model type)."""
+class EncoderError(ValueError):
+    """An encoder could not be built from its settings (unknown backend, missing model, unsupported model type)."""
 
 
 @lru_cache(maxsize=256)

@@ -17,6 +17,7 @@ from PIL import Image
 from gda.encoders import EncoderSpec
 from gda.encoders.base import encode_batched, version_hash
 from gda.encoders.packaged import efficientnet_lite0_weights
+from gda.images import to_rgb
 
 # The Lite checkpoints are converted from the TF "lite" models, which were trained on inputs
 # (x - 127) / 128 with x in [0, 255] (efficientnet_lite_builder.MEAN_RGB / STDDEV_RGB), not the
@@ -29,7 +30,7 @@ _CROP_PADDING = 32
 
 def preprocess(image: Image.Image, image_size: int) -> np.ndarray:
     """One PIL image (any mode) -> float32 CHW array normalised as the Lite models expect."""
-    image = image.convert("RGB")
+    image = to_rgb(image)
     width, height = image.size
     side = max(1, round(min(width, height) * image_size / (image_size + _CROP_PADDING)))
     left, top = (width - side) // 2, (height - side) // 2

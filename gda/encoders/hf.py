@@ -6,7 +6,9 @@ The feature is chosen from the checkpoint's `config.model_type`:
 - text `clip` / `clip_text_model`: CLIP projected `text_embeds`.
 CLIP embeddings are returned as the model gives them (not L2-normalised).
 
-Nothing here touches the network: every load passes `local_files_only=True`.
+Nothing here touches the network: every load passes `local_files_only=True`. Weights are read from
+safetensors only (`use_safetensors=True`: a pickled .bin is never unpickled), and only from inside the model
+folder (gda.paths.model_folder).
 """
 
 from __future__ import annotations
@@ -31,18 +33,15 @@ from transformers import (
 
 from gda.encoders import EncoderSpec
 from gda.encoders.base import EncoderError, encode_batched, version_hash
+from gda.images import to_rgb
+from gda.paths import model_folder
 
 IMAGE_MODEL_TYPES = ("vit", "dinov2", "clip", "clip_vision_model")
 TEXT_MODEL_TYPES = ("clip", "clip_text_model")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 
 
-def resolve_model_dir(model: str | None, role: str) -> Path:
-    """Local folder holding `model`: the path itself, or its snapshot in the local HF cache."""
-    if not model:
-        raise EncoderError(
-            f"{role} backend 'hf' needs a model: set {role}_model to a local folder or cached hub id"
-        )
+def _local_snapshot(model: str, role: str) -> Path:
+    """The path `model` itself, or its snapshot in the local HF cache."""
     path = Path(model).expanduser()
     if path.is_dir():
         return path
@@ -59,12 +58,25 @@ def resolve_model_dir(model: str | None, role: str) -> Path:
         ) from exc
 
 
+def resolve_model_dir(model: str | None, role: str) -> Path:
+    """Local folder holding `model` (a folder, or a hub id in the HF cache), resolved, with safetensors
+    weights and nothing that points outside it; one-line errors otherwise, before any weights are read."""
+    if not model:
+        raise EncoderError(
+            f"{role} backend 'hf' needs a model: set {role}_model to a local folder or cached hub id"
+        )
+    folder = model_folder(_local_snapshot(model, role), f"{role} model")
+    if not any(folder.glob("*.safetensors")):
+        raise EncoderError(
+            f"{role} model {folder} has no .safetensors weights; pickled .bin / .pt weights are never loaded: "
+            "convert them to safetensors"
+        )
+    return folder
+
+
 def checkpoint_files(path: Path) -> list[Path]:
     """Weight and config files whose bytes define the model's features (for the version hash)."""
-    files = [p for p in path.iterdir() if p.suffix in (*_WEIGHT_SUFFIXES, ".json") and p.is_file()]
-    if not any(p.suffix in _WEIGHT_SUFFIXES for p in files):
-        raise EncoderError(f"no weight files ({', '.join(_WEIGHT_SUFFIXES)}) in {path}")
-    return files
+    return [p for p in path.iterdir() if p.suffix in (".safetensors", ".json") and p.is_file()]
 
 
 def _model_type(path: Path) -> str:
@@ -87,14 +99,17 @@ class HFImageEncoder:
         self.processor = AutoImageProcessor.from_pretrained(self.path, local_files_only=True)
         if self.model_type == "vit":
             # The pooler is unused (the feature is the CLS state) and absent from DINO checkpoints.
-            model = ViTModel.from_pretrained(self.path, add_pooling_layer=False, local_files_only=True)
+            model = ViTModel.from_pretrained(
+                self.path, add_pooling_layer=False, use_safetensors=True, local_files_only=True
+            )
             self.model = _frozen(model, spec.device)
             self.dim = self.model.config.hidden_size
         elif self.model_type == "dinov2":
-            self.model = _frozen(Dinov2Model.from_pretrained(self.path, local_files_only=True), spec.device)
+            model = Dinov2Model.from_pretrained(self.path, use_safetensors=True, local_files_only=True)
+            self.model = _frozen(model, spec.device)
             self.dim = self.model.config.hidden_size
         elif self.model_type in ("clip", "clip_vision_model"):
-            model = CLIPVisionModelWithProjection.from_pretrained(self.path, local_files_only=True)
+            model = CLIPVisionModelWithProjection.from_pretrained(self.path, use_safetensors=True, local_files_only=True)
             self.model = _frozen(model, spec.device)
             self.dim = self.model.config.projection_dim
         else:
@@ -113,7 +128,7 @@ class HFImageEncoder:
 
     @torch.inference_mode()
     def _forward(self, images: Sequence[Image.Image]) -> np.ndarray:
-        pixels = self.processor(images=[image.convert("RGB") for image in images], return_tensors="pt")
+        pixels = self.processor(images=[to_rgb(image) for image in images], return_tensors="pt")
         pixel_values = pixels["pixel_values"].to(self.device)
         if self.model_type in ("clip", "clip_vision_model"):
             features = self.model(pixel_values=pixel_values).image_embeds
@@ -137,7 +152,7 @@ class HFTextEncoder:
                 f"supported: {', '.join(TEXT_MODEL_TYPES)}"
             )
         self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-        model = CLIPTextModelWithProjection.from_pretrained(self.path, local_files_only=True)
+        model = CLIPTextModelWithProjection.from_pretrained(self.path, use_safetensors=True, local_files_only=True)
         self.model = _frozen(model, spec.device)
         self.dim = self.model.config.projection_dim
         self.max_length = self.model.config.max_position_embeddings

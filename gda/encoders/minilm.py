@@ -33,7 +33,7 @@ def max_seq_length(path: Path) -> int:
 
 def load_minilm(path: Path, device: str) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModel.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(path, use_safetensors=True, local_files_only=True)
     return tokenizer, model.eval().requires_grad_(False).to(device)
 
 

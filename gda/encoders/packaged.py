@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-class PackagedWeightsMissing(RuntimeError):
+class PackagedWeightsMissing(FileNotFoundError):
     """A packaged demo model is not installed (or its files are gone)."""
 
 
