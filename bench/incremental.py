@@ -84,7 +84,7 @@ def run(setting: Setting) -> dict[str, Any]:
         raise ValueError(f"profile {setting.profile} has no embedded corpus to draw a new shard from")
     with tempfile.TemporaryDirectory(prefix="gda-bench-incremental-") as scratch:
         home = Home(Path(scratch) / "home")
-        shutil.copytree(source.root, home.root)
+        shutil.copytree(source.root, home.root, symlinks=True)
         _settle_copied_runs(home)
         existing = len(list_shards(home.shards))
         key = _next_shard(setting.values, existing, home.shards)

@@ -29,12 +29,15 @@ class IdArray:
 def save(path: Path, array: IdArray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(
-        {"ids": np.ascontiguousarray(array.ids, dtype=np.int64), "values": np.ascontiguousarray(array.values)},
-        str(tmp),
-        metadata=array.metadata,
-    )
-    os.replace(tmp, path)
+    try:
+        save_file(
+            {"ids": np.ascontiguousarray(array.ids, dtype=np.int64), "values": np.ascontiguousarray(array.values)},
+            str(tmp),
+            metadata=array.metadata,
+        )
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load(path: Path) -> IdArray:

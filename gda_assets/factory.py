@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-from dagster_duckdb_polars import DuckDBPolarsIOManager
 
 from gda import tables
 from gda.home import Home
@@ -45,6 +44,7 @@ from resources import (
     QueryPlan,
     StudentSettings,
     TeacherSettings,
+    TransactionalDuckDBPolarsIOManager,
     Warehouse,
 )
 
@@ -80,7 +80,7 @@ def build_resources(home: Home, profile: str, shards: Path | None) -> dict[str, 
         "evaluation": EvaluationSettings(**values.get("evaluation", {})),
         "artifacts": Artifacts(root=str(home.artifacts)),
         "warehouse": Warehouse(database=str(home.duckdb_path)),
-        "warehouse_io": DuckDBPolarsIOManager(database=str(home.duckdb_path), schema=tables.SCHEMA),
+        "warehouse_io": TransactionalDuckDBPolarsIOManager(database=str(home.duckdb_path), schema=tables.SCHEMA),
         "array_io": ArrayIOManager(root=str(home.artifacts)),
     }
 

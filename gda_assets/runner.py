@@ -4,6 +4,8 @@ Each step is a real run recorded in ``HOME/dagster``, so what ``gda demo`` or ``
 in the UI afterwards (runs, partitions, metadata, check results) exactly as if it had been launched there.
 """
 
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +28,37 @@ class ShardReport:
 
 
 def open_instance(home: Home) -> dg.DagsterInstance:
-    """The home's persistent instance (``HOME/dagster``), the same one ``gda ui`` serves."""
+    """The home's persistent instance (``HOME/dagster``), the same one ``gda ui`` serves, with the runs of
+    processes that died mid-run settled."""
     home.ensure()
-    return dg.DagsterInstance.from_config(str(home.dagster_home))
+    instance = dg.DagsterInstance.from_config(str(home.dagster_home))
+    settle_dead_runs(instance)
+    return instance
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        pass
+    return True
+
+
+def settle_dead_runs(instance: dg.DagsterInstance) -> None:
+    """Mark failed, and free the pool slots of, every run still STARTED whose process is gone (a run in a
+    process killed mid-run): otherwise it shows as running forever and holds its ``gpu``/``duckdb`` slot,
+    so every later step in that pool waits for it. The process is the one that logged the run's start, on
+    this machine (a home is local); a pid taken since by another process leaves the run as it is."""
+    for run in instance.get_runs(dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED])):
+        starts = instance.all_logs(run.run_id, of_type=dg.DagsterEventType.RUN_START)
+        pid = starts[0].dagster_event.pid if starts and starts[0].dagster_event else None
+        if pid is None or _alive(pid):
+            continue
+        instance.report_run_failed(run, message=f"the process running it (pid {pid}) died; settled by gda")
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        print(f"settled run {run.run_id} ({run.job_name}): its process {pid} died mid-run; marked failed, pool slots freed", file=sys.stderr)
 
 
 def _row_count(result: dg.ExecuteInProcessResult, asset: str) -> int:

@@ -5,6 +5,7 @@ from resources.artifacts import Artifacts
 from resources.compute import Compute
 from resources.corpus import CorpusSource, DemoCorpusSource
 from resources.diffusion import DiffusionSource, QueryPlan
+from resources.duckdb_io import TransactionalDuckDBPolarsIOManager
 from resources.encoders import Encoders
 from resources.evaluation import EvaluationSettings
 from resources.student import IndexSettings, StudentSettings
@@ -24,5 +25,6 @@ __all__ = [
     "QueryPlan",
     "StudentSettings",
     "TeacherSettings",
+    "TransactionalDuckDBPolarsIOManager",
     "Warehouse",
 ]

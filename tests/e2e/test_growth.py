@@ -25,7 +25,7 @@ PER_SHARD = {
 def grown(demo_home: Home, tmp_path_factory: pytest.TempPathFactory) -> tuple[Home, list[str], list]:
     """A copy of the tiny demo home with a third shard dropped into its shards folder and absorbed."""
     home = Home(tmp_path_factory.mktemp("grown") / "home")
-    shutil.copytree(demo_home.root, home.root)
+    shutil.copytree(demo_home.root, home.root, symlinks=True)
     spec = dict(profile_values("tiny")["demo_corpus_source"])
     spec.update(n_images=spec["n_images"] * 3 // 2, n_shards=3)  # same shard size, one shard more
     extra = tmp_path_factory.mktemp("extra")
