@@ -119,6 +119,12 @@ class Embedder(nn.Module):
 
     @torch.no_grad()
     def _embed(self, features: np.ndarray, sign: float) -> np.ndarray:
+        if features.ndim != 2 or features.shape[1] != self.config.input_dim:
+            raise ValueError(
+                f"features have {features.shape[-1]} columns but the embedder takes {self.config.input_dim} "
+                f"({self.config.image_dim} image + {self.config.input_dim - self.config.image_dim} text): "
+                "re-materialize attribution_embedder after changing the encoders"
+            )
         was_training = self.training
         self.eval()
         device = self.scale.device

@@ -78,9 +78,8 @@ def diffusion_model(
     rows = warehouse.named("corpus_for_training")
     fingerprint = corpus_fingerprint(rows["id"].to_list(), rows["sha256"].to_list(), rows["captions"].to_list())
     if diffusion.kind == "pretrained":
-        if not diffusion.pretrained_path:
-            raise dg.Failure("diffusion.kind is 'pretrained' but diffusion.pretrained_path is not set")
-        path = Path(diffusion.pretrained_path).resolve()
+        # DiffusionSource refuses a pretrained kind without an existing folder, and resolves the path.
+        path = Path(diffusion.pretrained_path)
         card = ModelCard(kind="pretrained", weights=str(path), version=weights_version(path), command="registered")
         bundle = load_pretrained(path)
     else:

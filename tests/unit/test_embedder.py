@@ -262,3 +262,11 @@ def test_mismatched_or_corrupted_files_give_one_line_errors(tmp_path: Path) -> N
     config_path.write_text(json.dumps(saved))  # ... beside the old config
     with pytest.raises(ValueError, match="has version .* config.json says"):
         load_embedder(folder)
+
+
+def test_features_of_another_width_are_one_clear_error() -> None:
+    model = Embedder(SMALL)
+    wrong = np.zeros((3, SMALL.input_dim + 5), dtype=np.float32)
+    for embed in (model.embed_queries, model.embed_training):
+        with pytest.raises(ValueError, match=f"features have {SMALL.input_dim + 5} columns but the embedder takes {SMALL.input_dim}"):
+            embed(wrong)
