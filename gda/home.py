@@ -29,6 +29,10 @@ concurrency:
     default_limit: 1
 nux:
   enabled: false
+code_servers:
+  # Loading the definitions imports torch and diffusers (about 10 s of CPU); on a busy 2-core machine the
+  # default 180 s wait for a code server to start ran out, and new runs stalled.
+  local_startup_timeout: 600
 """
 
 
