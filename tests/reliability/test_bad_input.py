@@ -8,6 +8,7 @@ import ast
 import io
 import json
 import shutil
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from pydantic import ValidationError
 
 from gda import features
 from gda.cli import main
-from gda.corpus.ingest import ingest_shard
+from gda import tables
+from gda.corpus.ingest import REASONS, IngestLimits, ingest_shard
 from gda.corpus.shards import ShardNameError, ShardSample, load_images, shard_file, write_shard
 from gda.diffusion.card import ModelCard, weights_dir, write_card
 from gda.encoders import EncoderError, EncoderSpec, ImageEncoder, TextEncoder, load_image_encoder
@@ -63,6 +65,70 @@ MODES: dict[str, tuple[str, bytes, str]] = {
 
 def rgb_of(data: bytes) -> tuple[int, int, int]:
     return tuple(int(v) for v in np.asarray(to_rgb(Image.open(io.BytesIO(data))))[0, 0])
+
+
+# -- bad samples in a shard ---------------------------------------------------------------------------------
+
+
+def bad_shard(tmp_path: Path) -> Path:
+    truncated = png((64, 64))
+    huge = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(huge, format="PNG")  # a bomb: tiny file, 400 M declared pixels
+    members = [
+        *good("a"),
+        ("b.png", b"not an image at all"), ("b.txt", b"caption"),
+        ("c.png", truncated[: len(truncated) // 2]), ("c.txt", b"caption"),
+        ("d.png", png()),  # no caption
+        ("e.png", png()), ("e.txt", b"\xff\xfe not utf-8"),
+        ("f.png", png((2, 2))), ("f.txt", b"too small"),
+        ("g.png", huge.getvalue()), ("g.txt", b"too big"),
+        ("h.png", b""), ("h.txt", b"zero bytes"),
+        ("i.txt", b"caption without image"),
+        ("j.png", png()), ("j.txt", b"x" * 5000),
+        ("k.png", png()), ("k.txt", b"ok"), ("k.json", b"[1, 2]"),
+        ("l.png", png()), ("l.txt", b"   \n  "),
+        *good("a", "the same key again"),
+        *good("m"),
+    ]
+    return write_tar(tmp_path / "00007.tar", members)
+
+
+def test_every_bad_kind_is_rejected_with_its_reason(tmp_path: Path) -> None:
+    result = ingest_shard(bad_shard(tmp_path), IngestLimits(max_caption_chars=4096))
+    reasons = dict(zip(result.rejected["key"].to_list(), result.rejected["reason"].to_list()))
+    assert reasons == {
+        "b": "undecodable_image",
+        "c": "truncated_image",
+        "d": "missing_caption",
+        "e": "bad_caption_encoding",
+        "f": "absurd_size",
+        "g": "absurd_size",
+        "h": "empty_image",
+        "i": "missing_image",
+        "j": "caption_too_long",
+        "k": "bad_metadata",
+        "l": "missing_caption",
+    } | {"a": "duplicate_key"}
+    # The good samples survive their bad neighbours, with their metadata split into columns.
+    accepted = result.accepted
+    assert accepted["key"].to_list() == ["a", "m"]
+    assert accepted["url"].to_list() == ["https://example.test/a.png", "https://example.test/m.png"]
+    assert '"photographer": "tests"' in accepted["extra"][0]
+    assert set(result.rejected["reason"]) <= set(REASONS)
+    assert result.accepted.schema == tables.polars_schema("training_images")
+    assert result.rejected.schema == tables.polars_schema("rejected_images")
+
+
+def test_truncated_tar_keeps_samples_before_the_damage(tmp_path: Path) -> None:
+    full = write_tar(tmp_path / "full.tar", good("a") + good("b") + good("c"))
+    with tarfile.open(full) as tar:
+        inside_c = next(m.offset_data for m in tar.getmembers() if m.name == "c.png") + 10
+    cut = tmp_path / "00001.tar"
+    cut.write_bytes(full.read_bytes()[:inside_c])
+    result = ingest_shard(cut)
+    assert result.read_error is not None
+    assert result.accepted["key"].to_list() == ["a", "b"]
+    assert result.rejected["reason"].to_list() == ["truncated_tar"]
 
 
 # -- image modes ---------------------------------------------------------------------------------------------
