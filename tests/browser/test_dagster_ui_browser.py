@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from playwright.sync_api import Browser, Locator, Page, expect
 
 from gda.home import Home
 from gda_assets.factory import build_defs
+from netkit import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 180.0
@@ -75,10 +75,7 @@ class DagsterUI:
 
 @pytest.fixture(scope="module")
 def dagster_ui(demo_home: Home, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterUI]:
-    # dagster dev takes a port number, not a socket, so the port is only free when probed.
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     output = tmp_path_factory.mktemp("dagster_dev") / "output.log"
     ui = DagsterUI(url, time.time(), DagsterGraphQLClient("127.0.0.1", port_number=port), output)

@@ -33,6 +33,7 @@ from gda.profiles import profile_values
 from gda_assets.factory import build_defs
 from gda_assets.partitions import query_batch_partitions
 from gda_assets.runner import open_instance, run_shards
+from netkit import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 LOCATION = "gda_assets.definitions"
@@ -90,13 +91,6 @@ def _stop(child: Child) -> None:
     except ProcessLookupError:
         pass
     child.process.wait()
-
-
-def _free_port() -> int:
-    # uvicorn takes a port number, not a socket, so the port is only free when probed.
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _cli(argv: list[str], env: dict[str, str], output: Path) -> None:
@@ -215,7 +209,7 @@ def outcome(demo_home: Home, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     # One code server for the daemon and the CLI, as a deployment runs it: loading the definitions is the
     # costly part of every Dagster process here, and a server the daemon manages itself shuts down when a busy
     # machine delays the daemon's heartbeats.
-    code_port = _free_port()
+    code_port = free_port()
     workspace = scratch / "workspace.yaml"
     workspace.write_text(f"load_from:\n  - grpc_server:\n      host: 127.0.0.1\n      port: {code_port}\n      location_name: gda\n")
     children: list[Child] = []
@@ -226,7 +220,7 @@ def outcome(demo_home: Home, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         children.append(code_server)
         readers = []
         for number in range(2):
-            port = _free_port()
+            port = free_port()
             argv = [sys.executable, "-m", "gda.cli", "serve", "--home", str(home.root), "--profile", "tiny", "--port", str(port)]
             readers.append(Reader(f"http://127.0.0.1:{port}", _spawn(argv, env, scratch / f"serve{number}.log")))
         children += [reader.child for reader in readers]
