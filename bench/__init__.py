@@ -13,21 +13,23 @@ from typing import Any
 from gda.home import Home
 from gda.profiles import profile_values, resolve_profile
 
-BENCHMARKS = ("model", "teacher", "latency", "incremental", "load")
+BENCHMARKS = ("model", "teacher", "latency", "incremental", "load", "index-scale", "gpu")
 
 
 @dataclass(frozen=True)
 class Setting:
-    """What every benchmark runs against: a home, a profile's config values, and torch's thread count."""
+    """What every benchmark runs against: a home, a profile's config values, torch's thread count and the
+    torch device the models run on (``gda bench gpu`` runs the teacher and latency benchmarks on cuda)."""
 
     home: Home
     profile: str
     values: dict[str, Any]
     threads: int
+    device: str = "cpu"
 
     def header(self, name: str) -> dict[str, Any]:
         machine = f"{platform.machine()} {platform.processor() or ''}".strip()
-        return {"benchmark": name, "profile": self.profile, "threads": self.threads, "machine": machine}
+        return {"benchmark": name, "profile": self.profile, "threads": self.threads, "machine": machine, "device": self.device}
 
 
 def run(name: str, home: Path, profile: str | None) -> dict[str, Any]:
@@ -39,7 +41,7 @@ def run(name: str, home: Path, profile: str | None) -> dict[str, Any]:
     values = profile_values(profile)
     threads = values["compute"].get("threads") or torch.get_num_threads()
     torch.set_num_threads(threads)
-    module = importlib.import_module(f"bench.{name}")
+    module = importlib.import_module(f"bench.{name.replace('-', '_')}")
     return module.run(Setting(Home.resolve(home), profile, values, threads))
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from gda import arrays, index
-from bench import Setting
+from bench import Setting, synthetic
 
 WARMUP = 10
 TIMED = 20
@@ -52,22 +52,10 @@ def _protocol(fn, queries: list, warmup: int = WARMUP, timed: int = TIMED) -> di
     return _percentiles(samples)
 
 
-def _synthetic(real: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """Unit vectors drawn from a Gaussian with the real embeddings' mean and covariance."""
-    rng = np.random.default_rng(seed)
-    mean = real.mean(axis=0)
-    values, vectors = np.linalg.eigh(np.cov(real, rowvar=False))
-    scale = vectors * np.sqrt(np.clip(values, 0, None))
-    out = np.empty((n, real.shape[1]), dtype=np.float32)
-    for start in range(0, n, 100_000):
-        rows = min(100_000, n - start)
-        out[start : start + rows] = mean + rng.standard_normal((rows, real.shape[1])).astype(np.float32) @ scale.T.astype(np.float32)
-    return index.normalise(out)
-
-
 def _search_at_scale(real: np.ndarray, size: int) -> dict[str, Any]:
-    data = _synthetic(real, size, seed=size)
-    queries = _synthetic(real, SEARCH_QUERIES, seed=size + 1)
+    shape = synthetic.spectrum(real)
+    data = synthetic.draw(shape, size, seed=size)
+    queries = synthetic.draw(shape, SEARCH_QUERIES, seed=size + 1)
     ids = np.arange(size, dtype=np.int64)
     flat = index.build(ids, data, index.SearchSettings(ivf_above=size + 1))
     started = time.perf_counter()
@@ -99,7 +87,7 @@ def run(setting: Setting) -> dict[str, Any]:
     from gda_assets.teacher import build_teacher, candidate_batch
 
     home, profile = setting.home, setting.profile
-    engine = open_engine(home, profile)
+    engine = open_engine(home, profile, device=setting.device)
     resources = build_resources(home, profile, None)
     warehouse = resources["warehouse"]
     test = warehouse.named("test_queries")
@@ -130,7 +118,7 @@ def run(setting: Setting) -> dict[str, Any]:
     raw = _protocol(raw_image, queries)
 
     # (c) the teacher on the same queries, from their generated batch files.
-    bundle, _ = load_bundle(resources["artifacts"], "cpu")
+    bundle, _ = load_bundle(resources["artifacts"], setting.device)
     gradient_shards = sorted(p.stem for p in (home.artifacts / "training_gradients").glob("*.safetensors"))
     artifacts = resources["artifacts"]
     teacher = build_teacher(bundle, resources["corpus"], warehouse, artifacts, resources["teacher"], gradient_shards)

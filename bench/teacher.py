@@ -38,12 +38,6 @@ THROUGHPUT_ITEMS = 128  # candidates per round of the evaluation-rate measuremen
 ROUNDS = 3
 
 
-def _fit_seconds(items: DiffusionItems, which: str) -> tuple[float, Any]:
-    started = time.perf_counter()
-    factors = fit_diffusion_factors(items, which)
-    return time.perf_counter() - started, factors
-
-
 def _kronfluence_fit(items: DiffusionItems, which: str, snr_gamma: float | None) -> tuple[float, Any] | None:
     """kronfluence's own EK-FAC fit of the same loss, items and draws; None when it is not installed."""
     try:
@@ -103,9 +97,9 @@ def _throughput(bundle: Any, modules: Any, step: Any, items: tuple, config: Any,
     timesteps = science.timesteps(config)
     rows_per_call = config.batch_size * 2 * len(timesteps)
     rows = len(ids) * 2 * len(timesteps)
-    x = images[:1].expand(rows_per_call, -1, -1, -1).contiguous()
-    s = states[:1].expand(rows_per_call, -1, -1).contiguous()
-    t = torch.full((rows_per_call,), 500)
+    x = images[:1].expand(rows_per_call, -1, -1, -1).contiguous().to(bundle.device)
+    s = states[:1].expand(rows_per_call, -1, -1).contiguous().to(bundle.device)
+    t = torch.full((rows_per_call,), 500, device=bundle.device)
     scoring, forward = [], []
     for _ in range(rounds):
         seconds, _ = _timed(
@@ -116,13 +110,21 @@ def _throughput(bundle: Any, modules: Any, step: Any, items: tuple, config: Any,
             started = time.perf_counter()
             for _ in range(rows // rows_per_call):
                 bundle.unet(x, t, encoder_hidden_states=s)
+            _synchronize()
             forward.append((time.perf_counter() - started) / (rows // rows_per_call * rows_per_call) * rows)
     return rows / min(scoring), rows / min(forward), rows_per_call
+
+
+def _synchronize() -> None:
+    """Wait for queued GPU work, so the clock measures it (a no-op on the CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def _timed(fn, *args, **kwargs) -> tuple[float, Any]:
     started = time.perf_counter()
     value = fn(*args, **kwargs)
+    _synchronize()
     return time.perf_counter() - started, value
 
 
@@ -137,7 +139,7 @@ def run(setting: Setting) -> dict[str, Any]:
     resources = build_resources(home, profile, None)
     settings, warehouse, corpus, artifacts = (resources[k] for k in ("teacher", "warehouse", "corpus", "artifacts"))
     config = teacher_config(settings)
-    bundle, card = load_bundle(artifacts, "cpu")
+    bundle, card = load_bundle(artifacts, setting.device)
     modules = select_modules(bundle.unet, settings.modules)
     rows = warehouse.named("corpus_for_training")
     fit_rows = rows.head(FIT_IMAGES)
@@ -148,8 +150,9 @@ def run(setting: Setting) -> dict[str, Any]:
     )
 
     # 1. EK-FAC fit, ours and kronfluence's, on the same items.
-    our_fit, ours = _fit_seconds(items, settings.modules)
-    kronfluence = _kronfluence_fit(items, settings.modules, card.snr_gamma)
+    our_fit, ours = _timed(fit_diffusion_factors, items, settings.modules)
+    # kronfluence is compared on the CPU only (its test-only install has no CUDA build of its helpers).
+    kronfluence = _kronfluence_fit(items, settings.modules, card.snr_gamma) if setting.device == "cpu" else None
     fit = {"images": len(fit_rows), "draws": 1, "modules": len(modules), "ours_seconds": our_fit}
     if kronfluence is not None:
         fit |= {

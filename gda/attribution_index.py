@@ -7,7 +7,8 @@ reader sees the old index or the new one, never half.
 
 A new shard is *added* to the existing index; anything that invalidates vectors already in it (another
 embedder version, a shard whose content changed or that was removed) rebuilds it, and so does crossing
-`SearchSettings.ivf_above`, because an exact flat index cannot turn into an IVF one by adding.
+`SearchSettings.ivf_above` or `pq_above`, because an index cannot change its kind by adding. A rebuild trains
+on a sample drawn from every shard and then adds the shards one by one, so it never holds all vectors twice.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class ShardEntry:
 class Manifest:
     embedder_version: str
     dim: int
-    kind: str  # "flat" (exact) or "ivf"
+    kind: str  # "flat" (exact), "ivf" or "ivfpq" (gda.index.kind_for)
     count: int
     shards: dict[str, ShardEntry]
     # A hash of the serialised FAISS index and every field above: it names exactly what answered a query.
@@ -52,7 +53,7 @@ class Manifest:
 
 @dataclass(frozen=True)
 class AttributionIndex:
-    faiss_index: faiss.Index  # an IndexIDMap2 searchable by training id
+    faiss_index: faiss.Index  # searchable by training id
     manifest: Manifest
 
 
@@ -83,10 +84,6 @@ def _check_shards(shards: Mapping[str, IdArray]) -> int:
     return dims[first]
 
 
-def _kind(index: faiss.Index) -> str:
-    return "ivf" if isinstance(faiss.downcast_index(index.index), faiss.IndexIVF) else "flat"
-
-
 def _version(serialised: np.ndarray, fields: Mapping[str, object]) -> str:
     digest = hashlib.sha256(serialised.tobytes())
     digest.update(json.dumps(fields, sort_keys=True).encode())
@@ -101,7 +98,7 @@ def _manifest_fields(manifest: Manifest) -> dict[str, object]:
 
 def _versioned(index: faiss.Index, embedder_version: str, hashes: Mapping[str, str], counts: Mapping[str, int], dim: int) -> AttributionIndex:
     entries = {name: ShardEntry(counts[name], hashes[name]) for name in sorted(hashes)}
-    manifest = Manifest(embedder_version, dim, _kind(index), int(index.ntotal), entries, version="")
+    manifest = Manifest(embedder_version, dim, faiss_search.kind_of(index), int(index.ntotal), entries, version="")
     version = _version(faiss.serialize_index(index), _manifest_fields(manifest))
     return AttributionIndex(index, replace(manifest, version=version))
 
@@ -117,10 +114,12 @@ def _rebuild_reason(current: Manifest, embedder_version: str, hashes: Mapping[st
     changed = [name for name, entry in sorted(current.shards.items()) if hashes[name] != entry.content_hash]
     if changed:
         return f"shard(s) changed: {', '.join(changed)}"
-    # The same threshold gda.index.build applies: above it the index must be IVF, at or below it exact.
-    wanted = "ivf" if total > settings.ivf_above else "flat"
+    wanted = faiss_search.kind_for(total, settings)
     if current.kind != wanted:
-        return f"{total} rows with ivf_above={settings.ivf_above} call for a {wanted} index, not {current.kind}"
+        return (
+            f"{total} rows with ivf_above={settings.ivf_above}, pq_above={settings.pq_above} call for a {wanted} "
+            f"index, not {current.kind}"
+        )
     return None
 
 
@@ -137,20 +136,29 @@ def update_index(
     counts = {name: len(shard.ids) for name, shard in shards.items()}
     reason = None if current is None else _rebuild_reason(current.manifest, embedder_version, hashes, sum(counts.values()), settings, dim)
     if current is None or reason is not None:
-        names = sorted(shards)
-        ids = np.concatenate([shards[name].ids for name in names])
-        vectors = np.concatenate([shards[name].values for name in names])
-        built = _versioned(faiss_search.build(ids, vectors, settings), embedder_version, hashes, counts, dim)
-        return built, "built" if current is None else f"rebuilt: {reason}"
+        total = sum(counts.values())
+        built = faiss_search.empty(dim, total, _training_sample(shards, total, settings), settings)
+        for name in sorted(shards):
+            faiss_search.add(built, shards[name].ids, shards[name].values)
+        return _versioned(built, embedder_version, hashes, counts, dim), "built" if current is None else f"rebuilt: {reason}"
     added = sorted(set(shards) - set(current.manifest.shards))
     if not added:
         return current, "unchanged"
     extended = faiss.clone_index(current.faiss_index)
     for name in added:
-        # gda.index.normalise normalises a float32 array in place: hand it a copy, not the caller's shard.
-        vectors = faiss_search.normalise(np.array(shards[name].values, dtype=np.float32))
-        extended.add_with_ids(vectors, np.ascontiguousarray(shards[name].ids, dtype=np.int64))
+        faiss_search.add(extended, shards[name].ids, shards[name].values)
     return _versioned(extended, embedder_version, hashes, counts, dim), f"added {len(added)} shards"
+
+
+def _training_sample(shards: Mapping[str, IdArray], total: int, settings: SearchSettings) -> np.ndarray:
+    """About ``settings.train_rows`` rows drawn from every shard in proportion to its size."""
+    fraction = min(1.0, settings.train_rows / total)
+    parts = []
+    for number, name in enumerate(sorted(shards)):
+        values = shards[name].values
+        take = max(1, round(len(values) * fraction)) if len(values) else 0
+        parts.append(faiss_search.training_sample(values, replace(settings, train_rows=take), seed=number))
+    return np.concatenate(parts)
 
 
 def search(index: AttributionIndex, query_embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -128,7 +128,7 @@ def training_embeddings(
             description="The index holds exactly one vector per embedded training image, from every embedded shard.",
         )
     ],
-    description="FAISS inner-product index of every training embedding (flat, IVF above a size). A new shard "
+    description="FAISS inner-product index of every training embedding (flat; IVF, then IVF-PQ above sizes). A new shard "
     "is added without a rebuild; a new embedder version, or a changed or removed shard, rebuilds it.",
 )
 def attribution_index(
@@ -136,7 +136,6 @@ def attribution_index(
 ):
     from gda.attribution_index import INDEX_FILE, load_index, save_index, update_index
     from gda.embedder import load_embedder
-    from gda.index import SearchSettings
 
     embedder = load_embedder(artifacts.path(EMBEDDER))
     stale = sorted(k for k, a in training_embeddings.items() if a.metadata.get("embedder_version") != embedder.version)
@@ -147,8 +146,7 @@ def attribution_index(
         )
     path = artifacts.path(INDEX) / INDEX_FILE
     current = load_index(path) if path.exists() else None
-    settings = SearchSettings(ivf_above=index.ivf_above, nlist=index.nlist, nprobe=index.nprobe)
-    updated, action = update_index(current, embedder.version, training_embeddings, settings)
+    updated, action = update_index(current, embedder.version, training_embeddings, index.search_settings())
     save_index(path, updated)
     manifest = updated.manifest
     context.log.info(f"attribution index: {action}")

@@ -3,6 +3,8 @@
 import dagster as dg
 from pydantic import Field
 
+from gda.index import SearchSettings
+
 
 class StudentSettings(dg.ConfigurableResource):
     # Hidden widths, then the output width (paper: 768, 768, 768, 768 on 1280-d DINO + CLIP features).
@@ -25,6 +27,14 @@ class StudentSettings(dg.ConfigurableResource):
 
 
 class IndexSettings(dg.ConfigurableResource):
-    ivf_above: int = 200_000  # training images beyond which an IVF index replaces the exact flat one
-    nlist: int = 1024
-    nprobe: int = 32
+    """How the attribution index is built (gda.index.SearchSettings; sizes measured by `gda bench index-scale`)."""
+
+    ivf_above: int = Field(default=200_000, ge=0)  # training images beyond which an IVF index replaces the exact flat one
+    pq_above: int = Field(default=20_000_000, ge=0)  # ... and beyond which its lists hold PQ codes, not raw vectors
+    nlist: int = Field(default=1024, ge=1)
+    nprobe: int = Field(default=32, ge=1)
+    pq_bytes: int = Field(default=64, ge=1)  # bytes per PQ code; must divide the embedding width
+    train_rows: int = Field(default=262_144, ge=1)
+
+    def search_settings(self) -> SearchSettings:
+        return SearchSettings(**self.model_dump())

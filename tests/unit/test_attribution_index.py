@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 
@@ -87,12 +88,29 @@ def test_crossing_ivf_above_rebuilds_as_ivf_and_ivf_grows_by_adding() -> None:
     index, _ = update_index(None, "emb1", small, IVF)
     assert index.manifest.kind == "flat"
     crossed, action = update_index(index, "emb1", {**small, "00001": shard(1, 100)}, IVF)
-    assert action.startswith("rebuilt: 200 rows with ivf_above=150 call for a ivf index")
+    assert action.startswith("rebuilt: 200 rows with ivf_above=150, pq_above=20000000 call for a ivf index")
     assert crossed.manifest.kind == "ivf"
     grown, action = update_index(crossed, "emb1", {**small, "00001": shard(1, 100), "00002": shard(2, 60)}, IVF)
     assert action == "added 1 shards" and grown.manifest.kind == "ivf" and grown.manifest.count == 260
     exact, _ = update_index(None, "emb1", {**small, "00001": shard(1, 100), "00002": shard(2, 60)}, EXACT)
     assert_same_answers(grown, exact)
+
+
+def test_crossing_pq_above_rebuilds_with_pq_codes_that_still_find_the_nearest() -> None:
+    pq = SearchSettings(ivf_above=50, pq_above=400, nlist=4, nprobe=4, pq_bytes=8)
+    small = {"00000": shard(0, 300)}
+    index, _ = update_index(None, "emb1", small, pq)
+    assert index.manifest.kind == "ivf"
+    everything = {**small, "00001": shard(1, 300)}
+    crossed, action = update_index(index, "emb1", everything, pq)
+    assert action.startswith("rebuilt: 600 rows with ivf_above=50, pq_above=400 call for a ivfpq index")
+    assert crossed.manifest.kind == "ivfpq" and crossed.faiss_index.ntotal == 600
+    assert faiss.extract_index_ivf(crossed.faiss_index).code_size == 8  # 8 bytes a vector instead of 64
+    exact, _ = update_index(None, "emb1", everything, EXACT)
+    approximate_ids, _ = search(crossed, queries(), 10)
+    exact_ids, _ = search(exact, queries(), 10)
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(approximate_ids.tolist(), exact_ids.tolist())])
+    assert overlap >= 0.6, overlap  # 8-byte codes of 16-d vectors: close, not exact
 
 
 def test_save_and_load_round_trip(tmp_path: Path) -> None:
