@@ -58,6 +58,13 @@ def columns(table: str) -> tuple[Column, ...]:
     return tuple(Column(name, dtype, nullable, comments.get(name, "")) for name, dtype, nullable in rows)
 
 
+@cache
+def partition_column(table: str) -> str | None:
+    """The column whose DDL comment starts with "partition key" (the key a partitioned asset writes by)."""
+    found = [c.name for c in columns(table) if c.description.startswith("partition key")]
+    return found[0] if found else None
+
+
 def table_names() -> list[str]:
     return [row[0] for row in _catalog().execute("SELECT table_name FROM duckdb_tables() ORDER BY table_name").fetchall()]
 

@@ -79,8 +79,9 @@ def build_resources(home: Home, profile: str, shards: Path | None) -> dict[str, 
         "index": IndexSettings(**values.get("index", {})),
         "evaluation": EvaluationSettings(**values.get("evaluation", {})),
         "artifacts": Artifacts(root=str(home.artifacts)),
-        "warehouse": Warehouse(database=str(home.duckdb_path)),
+        "warehouse": (warehouse := Warehouse(database=str(home.duckdb_path), **values.get("warehouse", {}))),
         "warehouse_io": TransactionalDuckDBPolarsIOManager(database=str(home.duckdb_path), schema=tables.SCHEMA),
+        "batch_tables_io": warehouse.table_io_manager(),  # dino_candidates, abu_scores: DuckDB or Parquet
         "array_io": ArrayIOManager(root=str(home.artifacts)),
     }
 

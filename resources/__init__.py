@@ -8,6 +8,7 @@ from resources.diffusion import DiffusionSource, QueryPlan
 from resources.duckdb_io import TransactionalDuckDBPolarsIOManager
 from resources.encoders import Encoders
 from resources.evaluation import EvaluationSettings
+from resources.parquet_io import ParquetIOManager
 from resources.student import IndexSettings, StudentSettings
 from resources.teacher import TeacherSettings
 from resources.warehouse import Warehouse
@@ -22,6 +23,7 @@ __all__ = [
     "Encoders",
     "EvaluationSettings",
     "IndexSettings",
+    "ParquetIOManager",
     "QueryPlan",
     "StudentSettings",
     "TeacherSettings",

@@ -91,7 +91,7 @@ def test_every_partitioned_duckdb_asset_has_partition_expr(tmp_path: Path) -> No
         node = graph.get(key)
         assets_def = graph.assets_def_for_key(key)
         io_key = assets_def.get_io_manager_key_for_asset_key(key)
-        if io_key == "warehouse_io" and node.partitions_def is not None:
+        if io_key in ("warehouse_io", "batch_tables_io") and node.partitions_def is not None:
             duckdb_assets.append(key.to_user_string())
             assert node.metadata.get("partition_expr") in ("shard", "batch"), key
             assert "dagster/column_schema" in node.metadata, key
