@@ -11,6 +11,7 @@ from gda import tables
 from gda.home import Home
 from gda.profiles import profile_values
 from gda_assets.corpus import build_training_images, demo_corpus, shard_sensor
+from gda_assets.deployment import LOCAL, K8sSettings, executor_for
 from gda_assets.features import image_features, text_features
 from gda_assets.evaluation import build_counterfactual_eval, rank_eval
 from gda_assets.jobs import (
@@ -92,10 +93,12 @@ def build_defs(
     shards: Path | None = None,
     overrides: dict[str, Any] | None = None,
     owner: str = OWNER,
+    deployment: str | K8sSettings = LOCAL,
 ) -> dg.Definitions:
     """Definitions for one home. With ``shards`` (a user's img2dataset folder) the embedded corpus is left
     out of the graph and everything downstream runs on the user's shards. ``overrides`` replace resources
-    by name; ``owner`` owns every asset."""
+    by name; ``owner`` owns every asset. ``deployment`` picks the executor of every job
+    (``gda_assets/deployment.py``): ``local`` (Dagster's default) or ``k8s``."""
     home = home or Home.resolve()
     embedded = shards is None
     resources = {**build_resources(home, profile, shards), **(overrides or {})}
@@ -131,4 +134,5 @@ def build_defs(
         jobs=jobs,
         sensors=[shard_sensor, automation_sensor],
         resources=resources,
+        executor=executor_for(deployment, home, profile, shards, assets),
     )
