@@ -172,7 +172,9 @@ def _use_profile_threads(profile: str | None) -> None:
     """Torch's thread count from the profile, as the Dagster compute resource sets it for the assets."""
     import torch
 
-    torch.set_num_threads(profile_values(profile)["compute"]["threads"])
+    threads = profile_values(profile)["compute"].get("threads")
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def _cmd_query(args: argparse.Namespace) -> int:

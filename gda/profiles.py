@@ -1,7 +1,11 @@
 """Profiles: named sets of resource configuration values, chosen by ``--profile`` / ``GDA_PROFILE``.
 
 A profile holds no logic: for each resource (by its name in the Dagster ``Definitions``) the config values
-to construct it with. ``tiny`` runs in seconds and is what the tests use; ``demo`` is the laptop default.
+to construct it with. ``tiny`` runs in seconds and is what the tests use; ``demo`` is the laptop default;
+``sd`` is Stable Diffusion v1.x on a user's LAION shards, on GPUs.
+
+A value ``"$NAME"`` is read from the environment variable NAME when the profile is used: the ``sd`` profile's
+model folders are the user's own local paths (``SD_PATHS``), and nothing is ever downloaded.
 """
 
 from __future__ import annotations
@@ -65,11 +69,51 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         # the corpus, the paper's larger k (4,000 of 118k).
         "evaluation": {"counterfactual_k": [100], "counterfactual_queries": 4, "counterfactual_group_size": 1},
     },
+    # Stable Diffusion v1.x on a user's LAION shards (--shards), with the paper's sizes (method.md; paper
+    # §5: 100k candidates per query and 101M teacher pairs, so about 1,000 training queries).
+    "sd": {
+        "demo_corpus_source": {"n_images": 3000, "n_shards": 6, "resolution": 64, "seed": 0, "n_heldout_prompts": 600},
+        "encoders": {
+            "image_backend": "hf", "image_model": "$GDA_DINO_MODEL", "text_backend": "hf", "text_model": "$GDA_CLIP_TEXT_MODEL",
+            "batch_size": 256,
+        },
+        # Half precision where only a forward pass is taken (frozen encoders, sampling queries); the loss,
+        # its gradients and the EK-FAC factors stay float32, their eigendecompositions float64.
+        "compute": {"device": "cuda", "dtype": "float16"},
+        "diffusion": {"kind": "pretrained", "pretrained_path": "$GDA_SD_MODEL", "sampling": {"steps": 50, "guidance_scale": 7.5}},
+        # One query batch is one GPU step: 10 queries x 100k candidates x 2 x 20 draws is ~4e7 UNet rows.
+        "query_plan": {"n_train": 1010, "n_val": 50, "n_test": 100, "batch_size": 10},
+        # AbU+ as the paper ran it: the finite step on each query's 100k DINO candidates.
+        "teacher": {
+            "k_candidates": 100_000, "n_negatives": 10_000, "mode": "finite", "full_ranking_splits": [],
+            "scoring_timesteps": 20, "query_draws": 64, "batch_size": 64,
+        },
+        "student": {"widths": [768, 768, 768, 768], "top_k": 100_000, "batch_size": 4096, "epochs": 10},
+        # IVF-PQ from 20M images; 65,536 lists is about 3 sqrt(n) at 413M. nprobe 32: recall@10 stops rising
+        # at 16 of 4,096 lists in bench/results/index-scale.json (the PQ codes, not the probing, limit it).
+        "index": {"ivf_above": 200_000, "pq_above": 20_000_000, "nlist": 65_536, "nprobe": 32, "pq_bytes": 64},
+        # Many GPU workers score query batches at once: their tables are Parquet files, not one DuckDB writer.
+        "warehouse": {"table_format": "parquet"},
+        "evaluation": {"counterfactual_k": [4000], "counterfactual_queries": 4, "counterfactual_group_size": 1},
+    },
+}
+
+
+# What the sd profile needs from the user, each a local folder (or a hub id already in the HF cache for the
+# encoders), named by environment variable.
+SD_PATHS = {
+    "GDA_SD_MODEL": "a Stable Diffusion v1.x diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)",
+    "GDA_DINO_MODEL": "a DINO ViT-B/16 image model in Hugging Face layout (e.g. facebook/dino-vitb16)",
+    "GDA_CLIP_TEXT_MODEL": "a CLIP ViT-B/32 text model in Hugging Face layout (e.g. openai/clip-vit-base-patch32)",
 }
 
 
 class UnknownProfileError(ValueError):
     pass
+
+
+class ProfileSettingError(ValueError):
+    """A profile names an environment variable that is not set."""
 
 
 def resolve_profile(name: str | None = None) -> str:
@@ -79,5 +123,18 @@ def resolve_profile(name: str | None = None) -> str:
     return chosen
 
 
-def profile_values(name: str) -> dict[str, dict[str, Any]]:
-    return PROFILES[resolve_profile(name)]
+def _filled(value: Any, profile: str) -> Any:
+    if isinstance(value, dict):
+        return {key: _filled(item, profile) for key, item in value.items()}
+    if isinstance(value, str) and value.startswith("$"):
+        name = value[1:]
+        if not os.environ.get(name):
+            what = SD_PATHS.get(name, "a value")
+            raise ProfileSettingError(f"profile {profile!r} needs {name}: set it to {what}")
+        return os.environ[name]
+    return value
+
+
+def profile_values(name: str | None) -> dict[str, dict[str, Any]]:
+    chosen = resolve_profile(name)
+    return _filled(PROFILES[chosen], chosen)

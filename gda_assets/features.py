@@ -31,7 +31,7 @@ def image_features(
 ) -> dg.Output[IdArray]:
     rows = warehouse.named("shard_images", [context.partition_key])
     images = load_images(corpus.shard_path(context.partition_key), rows["key"].to_list())
-    array = features.image_features(encoders.image(compute.device), rows["id"].to_list(), images)
+    array = features.image_features(encoders.image(compute.device, compute.dtype), rows["id"].to_list(), images)
     return dg.Output(array, metadata=_feature_metadata(array))
 
 
@@ -51,5 +51,5 @@ def text_features(
     context: dg.AssetExecutionContext, compute: Compute, encoders: Encoders, warehouse: Warehouse
 ) -> dg.Output[IdArray]:
     rows = warehouse.named("shard_images", [context.partition_key])
-    array = features.text_features(encoders.text(compute.device), rows["id"].to_list(), rows["caption"].to_list())
+    array = features.text_features(encoders.text(compute.device, compute.dtype), rows["id"].to_list(), rows["caption"].to_list())
     return dg.Output(array, metadata=_feature_metadata(array))

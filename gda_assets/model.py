@@ -10,7 +10,7 @@ import dagster as dg
 import polars as pl
 
 from gda import features, plots, tables
-from gda.diffusion.card import ModelCard, corpus_fingerprint, read_card, weights_dir, weights_version, write_card
+from gda.diffusion.card import LATENT_ENCODING, ModelCard, corpus_fingerprint, read_card, weights_dir, weights_version, write_card
 from gda_assets.metadata import png_markdown
 from gda_assets.checks import Partition, column_schema, table_check_results, table_check_specs
 from gda_assets.partitions import query_batch_partitions
@@ -80,7 +80,10 @@ def diffusion_model(
     if diffusion.kind == "pretrained":
         # DiffusionSource refuses a pretrained kind without an existing folder, and resolves the path.
         path = Path(diffusion.pretrained_path)
-        card = ModelCard(kind="pretrained", weights=str(path), version=weights_version(path), command="registered")
+        card = ModelCard(
+            kind="pretrained", weights=str(path), version=weights_version(path), command="registered",
+            model_config={"latents": LATENT_ENCODING},
+        )
         bundle = load_pretrained(path)
     else:
         shipped = Path(diffusion.shipped_checkpoint) if diffusion.shipped_checkpoint else None
@@ -189,7 +192,9 @@ def generated_queries(
     prompts = warehouse.named("batch_prompts", [batch])
     bundle, card = load_bundle(artifacts, compute.device)
     sampling = diffusion.sampling
-    result = sample(bundle, prompts["prompt"].to_list(), prompts["seed"].to_list(), **sampling.model_dump())
+    result = sample(
+        bundle, prompts["prompt"].to_list(), prompts["seed"].to_list(), **sampling.model_dump(), dtype=compute.torch_dtype()
+    )
     images = to_pil(result.images)
     folder = artifacts.path("generated_queries") / batch
     folder.mkdir(parents=True, exist_ok=True)
@@ -247,7 +252,7 @@ def query_features(context: dg.AssetExecutionContext, compute: Compute, encoders
     ids = queries["query_id"].to_list()
     images = [Image.open(path) for path in queries["image_path"].to_list()]
     for name, array in (
-        ("query_image_features", features.image_features(encoders.image(compute.device), ids, images)),
-        ("query_text_features", features.text_features(encoders.text(compute.device), ids, queries["prompt"].to_list())),
+        ("query_image_features", features.image_features(encoders.image(compute.device, compute.dtype), ids, images)),
+        ("query_text_features", features.text_features(encoders.text(compute.device, compute.dtype), ids, queries["prompt"].to_list())),
     ):
         yield dg.Output(array, output_name=name, metadata={"rows": len(ids), "encoder_version": array.metadata["version"]})

@@ -8,6 +8,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 
@@ -105,13 +106,17 @@ class DemoReport:
     scored_batches: dict[str, bool]  # batch -> AbU+ scores written
 
 
-def demo(home: Home, profile: str | None = None, shards_dir: Path | None = None, retrain: bool = False) -> DemoReport:
-    """The main job on the embedded default (or a user's shards): corpus, ingest, features, the model,
-    the query prompts, and each batch of generated queries with their features."""
+def demo(
+    home: Home, profile: str | None = None, shards_dir: Path | None = None, retrain: bool = False,
+    overrides: dict[str, Any] | None = None,
+) -> DemoReport:
+    """The whole chain on the embedded default (or a user's shards): corpus, ingest, features, the model,
+    the queries, the teacher, the student, the index and its evaluation. ``overrides`` replace resources
+    by name (``build_defs``)."""
     profile = resolve_profile(profile)
     instance = open_instance(home)
     shards = shards_dir.resolve() if shards_dir else None
-    overrides = {}
+    overrides = dict(overrides or {})
     if retrain:
         diffusion = build_resources(home, profile, shards)["diffusion"]
         overrides["diffusion"] = DiffusionSource(**{**diffusion.model_dump(), "retrain": True})

@@ -24,7 +24,7 @@ class Encoders(dg.ConfigurableResource):
     def _resolved(cls, value: str | None) -> str | None:
         return str(resolved(value)) if value is not None and resolved(value).is_dir() else value
 
-    def spec(self, device: str) -> EncoderSpec:
+    def spec(self, device: str, dtype: str = "float32") -> EncoderSpec:
         return EncoderSpec(
             image_backend=self.image_backend,
             image_model=self.image_model,
@@ -33,10 +33,11 @@ class Encoders(dg.ConfigurableResource):
             image_size=self.image_size,
             batch_size=self.batch_size,
             device=device,
+            dtype=dtype,
         )
 
-    def image(self, device: str) -> ImageEncoder:
-        return load_image_encoder(self.spec(device))
+    def image(self, device: str, dtype: str = "float32") -> ImageEncoder:
+        return load_image_encoder(self.spec(device, dtype))
 
-    def text(self, device: str) -> TextEncoder:
-        return load_text_encoder(self.spec(device))
+    def text(self, device: str, dtype: str = "float32") -> TextEncoder:
+        return load_text_encoder(self.spec(device, dtype))

@@ -18,6 +18,9 @@ from typing import Any
 from gda.paths import inside, model_folder
 
 CARD = "model_card.json"
+# How gda.diffusion.loss.encode_images turns training images into what a latent UNet denoises; recorded in
+# a registered model's card, because scores made with sampled latents would not be comparable.
+LATENT_ENCODING = "VAE posterior mean x scaling_factor (deterministic; no sampling)"
 
 
 @dataclass(frozen=True)

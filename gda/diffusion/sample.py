@@ -49,6 +49,7 @@ def sample(
     steps: int = 50,
     guidance_scale: float = 3.0,
     guidance_rescale: float = 0.0,
+    dtype: torch.dtype = torch.float32,
 ) -> SampleResult:
     """Generate one image per (prompt, seed) with `steps` DDIM steps (eta = 0).
 
@@ -57,6 +58,10 @@ def sample(
     al. 2024, section 3.4) blends the guided output with a copy rescaled to the conditional output's standard
     deviation, which keeps strong guidance from over-saturating v-prediction / zero-terminal-SNR models;
     0 leaves the guided output as it is.
+
+    `dtype` float16 / bfloat16 runs the UNet and VAE under autocast (what Stable Diffusion is sampled in
+    on GPUs); the prompt states the teacher reuses are encoded in float32 all the same, and the samples
+    are returned as float32.
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
@@ -64,14 +69,15 @@ def sample(
         raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
     cond = bundle.text.encode_prompts(list(prompts))
     uncond = bundle.text.encode_prompts([""]) if guidance_scale != 1.0 else None
-    samples = torch.cat(
-        [
-            _denoise(bundle, c[None], uncond, int(s), steps, guidance_scale, guidance_rescale)
-            for c, s in zip(cond, seeds, strict=True)
-        ]
-    )
-    # Decoded one by one too, so the images are as batch-independent as the samples.
-    images = torch.cat([decode(bundle, x[None]) for x in samples])
+    with torch.autocast(bundle.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        samples = torch.cat(
+            [
+                _denoise(bundle, c[None], uncond, int(s), steps, guidance_scale, guidance_rescale)
+                for c, s in zip(cond, seeds, strict=True)
+            ]
+        ).float()
+        # Decoded one by one too, so the images are as batch-independent as the samples.
+        images = torch.cat([decode(bundle, x[None]) for x in samples])
     return SampleResult(samples=samples, images=images, prompt_states=cond)
 
 

@@ -44,7 +44,10 @@ class EncoderSpec:
 
     `image_model` / `text_model` name a local folder or a hub id already in the HF cache; they are
     only used by the `hf` backend. `image_size` applies to EfficientNet-Lite0 (an `hf` model uses the
-    size from its own image processor config).
+    size from its own image processor config). `dtype` ("float32", "float16", "bfloat16") is the `hf`
+    models' weight precision; features are returned as float32 either way, and the encoder's version does
+    not change with it (the same features, rounded), so features made on a GPU in half precision serve
+    queries encoded in float32 on a CPU. The packaged backends run in float32 only.
     """
 
     image_backend: str = "efficientnet-lite0"
@@ -54,6 +57,7 @@ class EncoderSpec:
     image_size: int = 224
     batch_size: int = 64
     device: str = "cpu"
+    dtype: str = "float32"
 
 
 class ImageEncoder(Protocol):
@@ -78,6 +82,8 @@ class TextEncoder(Protocol):
 
 def load_image_encoder(spec: EncoderSpec) -> ImageEncoder:
     """Build the image encoder named by `spec.image_backend` (weights loaded, eval mode)."""
+    if spec.image_backend != "hf" and spec.dtype != "float32":
+        raise EncoderError(f"image backend {spec.image_backend!r} runs in float32 only; set compute dtype float32")
     if spec.image_backend == "efficientnet-lite0":
         from gda.encoders.efficientnet import EfficientNetLite0Encoder
 
@@ -91,6 +97,8 @@ def load_image_encoder(spec: EncoderSpec) -> ImageEncoder:
 
 def load_text_encoder(spec: EncoderSpec) -> TextEncoder:
     """Build the text encoder named by `spec.text_backend` (weights loaded, eval mode)."""
+    if spec.text_backend != "hf" and spec.dtype != "float32":
+        raise EncoderError(f"text backend {spec.text_backend!r} runs in float32 only; set compute dtype float32")
     if spec.text_backend == "minilm":
         from gda.encoders.minilm import MiniLMEncoder
 

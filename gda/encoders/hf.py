@@ -83,8 +83,10 @@ def _model_type(path: Path) -> str:
     return AutoConfig.from_pretrained(path, local_files_only=True).model_type
 
 
-def _frozen(model: PreTrainedModel, device: str) -> PreTrainedModel:
-    return model.eval().requires_grad_(False).to(device)
+def _frozen(model: PreTrainedModel, spec: EncoderSpec) -> PreTrainedModel:
+    if spec.dtype not in ("float32", "float16", "bfloat16"):
+        raise EncoderError(f"dtype must be float32, float16 or bfloat16, got {spec.dtype!r}")
+    return model.eval().requires_grad_(False).to(spec.device, getattr(torch, spec.dtype))
 
 
 class HFImageEncoder:
@@ -102,15 +104,15 @@ class HFImageEncoder:
             model = ViTModel.from_pretrained(
                 self.path, add_pooling_layer=False, use_safetensors=True, local_files_only=True
             )
-            self.model = _frozen(model, spec.device)
+            self.model = _frozen(model, spec)
             self.dim = self.model.config.hidden_size
         elif self.model_type == "dinov2":
             model = Dinov2Model.from_pretrained(self.path, use_safetensors=True, local_files_only=True)
-            self.model = _frozen(model, spec.device)
+            self.model = _frozen(model, spec)
             self.dim = self.model.config.hidden_size
         elif self.model_type in ("clip", "clip_vision_model"):
             model = CLIPVisionModelWithProjection.from_pretrained(self.path, use_safetensors=True, local_files_only=True)
-            self.model = _frozen(model, spec.device)
+            self.model = _frozen(model, spec)
             self.dim = self.model.config.projection_dim
         else:
             raise EncoderError(
@@ -129,7 +131,7 @@ class HFImageEncoder:
     @torch.inference_mode()
     def _forward(self, images: Sequence[Image.Image]) -> np.ndarray:
         pixels = self.processor(images=[to_rgb(image) for image in images], return_tensors="pt")
-        pixel_values = pixels["pixel_values"].to(self.device)
+        pixel_values = pixels["pixel_values"].to(self.device, self.model.dtype)
         if self.model_type in ("clip", "clip_vision_model"):
             features = self.model(pixel_values=pixel_values).image_embeds
         else:
@@ -153,7 +155,7 @@ class HFTextEncoder:
             )
         self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
         model = CLIPTextModelWithProjection.from_pretrained(self.path, use_safetensors=True, local_files_only=True)
-        self.model = _frozen(model, spec.device)
+        self.model = _frozen(model, spec)
         self.dim = self.model.config.projection_dim
         self.max_length = self.model.config.max_position_embeddings
 
