@@ -374,7 +374,7 @@ def test_an_unknown_profile_is_one_line(tmp_path: Path, monkeypatch: pytest.Monk
     image = tmp_path / "query.png"
     image.write_bytes(png())
     line = one_line_failure(capsys, ["query", "--home", str(tmp_path), "--image", str(image), "--prompt", "a red square"])
-    assert line == "gda: unknown profile 'nope'; choose one of: tiny, demo"
+    assert line == "gda: unknown profile 'nope'; choose one of: tiny, demo, sd"
     with pytest.raises(UnknownProfileError, match="unknown profile 'nope'"):
         build_defs(home=Home(tmp_path))
 
