@@ -25,7 +25,7 @@ from typing import Any
 import dagster as dg
 
 from gda.home import Home
-from gda.profiles import resolve_profile
+from gda.profiles import SD_PATHS, resolve_profile
 
 LOCAL = "local"
 K8S = "k8s"
@@ -149,6 +149,8 @@ def k8s_executor(
     }
     if shards is not None:
         env["GDA_SHARDS"] = str(shards)
+    # The sd profile's model folders are read from the environment when the definitions load.
+    env |= {name: os.environ[name] for name in SD_PATHS if os.environ.get(name)}
     cpu_memory = {"cpu": settings.cpu_request, "memory": settings.memory_request}
     gpus = str(settings.gpus_per_step)
     gpu_step: dict[str, Any] = {

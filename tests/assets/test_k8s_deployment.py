@@ -207,7 +207,8 @@ def test_duckdb_asset_step_gets_no_gpu(k8s_defs, instance, container_context) ->
     _assert_shared_home(pod, container)
 
 
-def test_defaults_use_the_code_location_image_and_pass_the_shards_folder(instance) -> None:
+def test_defaults_use_the_code_location_image_and_pass_the_shards_folder(instance, monkeypatch) -> None:
+    monkeypatch.setenv("GDA_SD_MODEL", "/gda/models/sd-v1-4")
     defs = build_defs(
         home=Home(HOME), profile="tiny", shards=Path("/gda/shards"), deployment=K8sSettings(pvc_claim="gda-shared")
     )
@@ -216,6 +217,7 @@ def test_defaults_use_the_code_location_image_and_pass_the_shards_folder(instanc
     assert container.image == "registry.example/gda:code-location"
     assert container.resources.requests == {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "1"}
     assert _env(container)["GDA_SHARDS"] == "/gda/shards"
+    assert _env(container)["GDA_SD_MODEL"] == "/gda/models/sd-v1-4"  # the sd profile's folders reach every step
 
 
 def test_every_gpu_pool_op_and_only_those_get_a_gpu(k8s_defs) -> None:
