@@ -134,10 +134,10 @@ def update_index(
     dim = _check_shards(shards)
     hashes = {name: shard_hash(shard) for name, shard in shards.items()}
     counts = {name: len(shard.ids) for name, shard in shards.items()}
-    reason = None if current is None else _rebuild_reason(current.manifest, embedder_version, hashes, sum(counts.values()), settings, dim)
+    total = sum(counts.values())
+    reason = None if current is None else _rebuild_reason(current.manifest, embedder_version, hashes, total, settings, dim)
     if current is None or reason is not None:
-        total = sum(counts.values())
-        built = faiss_search.empty(dim, total, _training_sample(shards, total, settings), settings)
+        built = faiss_search.empty(dim, total, _training_sample(shards, total, settings.train_rows), settings)
         for name in sorted(shards):
             faiss_search.add(built, shards[name].ids, shards[name].values)
         return _versioned(built, embedder_version, hashes, counts, dim), "built" if current is None else f"rebuilt: {reason}"
@@ -150,14 +150,14 @@ def update_index(
     return _versioned(extended, embedder_version, hashes, counts, dim), f"added {len(added)} shards"
 
 
-def _training_sample(shards: Mapping[str, IdArray], total: int, settings: SearchSettings) -> np.ndarray:
-    """About ``settings.train_rows`` rows drawn from every shard in proportion to its size."""
-    fraction = min(1.0, settings.train_rows / total)
+def _training_sample(shards: Mapping[str, IdArray], total: int, rows: int) -> np.ndarray:
+    """About ``rows`` rows drawn from every shard in proportion to its size."""
+    fraction = min(1.0, rows / total)
     parts = []
     for number, name in enumerate(sorted(shards)):
         values = shards[name].values
         take = max(1, round(len(values) * fraction)) if len(values) else 0
-        parts.append(faiss_search.training_sample(values, replace(settings, train_rows=take), seed=number))
+        parts.append(faiss_search.training_sample(values, take, seed=number))
     return np.concatenate(parts)
 
 

@@ -59,11 +59,11 @@ def kind_of(index: faiss.Index) -> Kind:
     return "ivf" if isinstance(inner, faiss.IndexIVF) else "flat"
 
 
-def training_sample(vectors: np.ndarray, settings: SearchSettings, seed: int = 0) -> np.ndarray:
-    """At most ``settings.train_rows`` of ``vectors``, drawn without replacement, in their original order."""
-    if len(vectors) <= settings.train_rows:
+def training_sample(vectors: np.ndarray, rows: int, seed: int = 0) -> np.ndarray:
+    """At most ``rows`` of ``vectors``, drawn without replacement, in their original order."""
+    if len(vectors) <= rows:
         return vectors
-    chosen = np.sort(np.random.default_rng(seed).choice(len(vectors), settings.train_rows, replace=False))
+    chosen = np.sort(np.random.default_rng(seed).choice(len(vectors), rows, replace=False))
     return vectors[chosen]
 
 
@@ -80,10 +80,8 @@ def empty(dim: int, rows: int, sample: np.ndarray, settings: SearchSettings = Se
     data = normalise(sample)
     # faiss wants at least 39 training rows a list; fewer lists rather than a poorly trained quantiser.
     nlist = max(1, min(settings.nlist, len(data) // 39))
-    if kind == "ivf":
-        made = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-    else:
-        made = faiss.index_factory(dim, f"OPQ{settings.pq_bytes},IVF{nlist},PQ{settings.pq_bytes}", faiss.METRIC_INNER_PRODUCT)
+    m = settings.pq_bytes
+    made = faiss.index_factory(dim, f"IVF{nlist},Flat" if kind == "ivf" else f"OPQ{m},IVF{nlist},PQ{m}", faiss.METRIC_INNER_PRODUCT)
     made.train(data)
     faiss.extract_index_ivf(made).nprobe = settings.nprobe
     return made  # IVF indexes store the ids in their lists: no id map needed
@@ -96,7 +94,7 @@ def add(index: faiss.Index, ids: np.ndarray, vectors: np.ndarray) -> None:
 
 def build(ids: np.ndarray, vectors: np.ndarray, settings: SearchSettings = SearchSettings()) -> faiss.Index:
     """An inner-product index of the normalised ``vectors``, searchable by training id."""
-    index = empty(vectors.shape[1], len(vectors), training_sample(vectors, settings), settings)
+    index = empty(vectors.shape[1], len(vectors), training_sample(vectors, settings.train_rows), settings)
     add(index, ids, vectors)
     return index
 

@@ -62,6 +62,13 @@ def write_parquet_atomically(frame: pl.DataFrame, path: Path) -> None:
         raise
 
 
+def write_partition(root: str | Path, table: str, column: str, key: str, frame: pl.DataFrame) -> Path:
+    """The rows of ``frame`` whose ``column`` is ``key``, as declared, replacing that partition's file."""
+    path = partition_file(root, table, column, key)
+    write_parquet_atomically(tables.conform(table, frame.filter(pl.col(column) == key)), path)
+    return path
+
+
 def ensure_schema_file(root: str | Path, table: str) -> Path:
     path = table_folder(root, table) / SCHEMA_FILE
     if not path.exists():
@@ -116,9 +123,7 @@ class ParquetIOManager(dg.ConfigurableIOManager):
         stray = frame.filter(~pl.col(column).is_in(keys)).height
         if stray:
             raise ValueError(f"{table}: {stray} rows have a {column} outside the partitions written ({', '.join(keys)})")
-        paths = [partition_file(self.root, table, column, key) for key in keys]
-        for key, path in zip(keys, paths):
-            write_parquet_atomically(frame.filter(pl.col(column) == key), path)
+        paths = [write_partition(self.root, table, column, key, frame) for key in keys]
         ensure_schema_file(self.root, table)
         context.add_output_metadata(
             {"path": dg.MetadataValue.path(str(paths[0] if len(paths) == 1 else table_folder(self.root, table))), "files": len(paths)}

@@ -3,8 +3,6 @@
 import dagster as dg
 from pydantic import Field
 
-from gda.index import SearchSettings
-
 
 class StudentSettings(dg.ConfigurableResource):
     # Hidden widths, then the output width (paper: 768, 768, 768, 768 on 1280-d DINO + CLIP features).
@@ -36,5 +34,7 @@ class IndexSettings(dg.ConfigurableResource):
     pq_bytes: int = Field(default=64, ge=1)  # bytes per PQ code; must divide the embedding width
     train_rows: int = Field(default=262_144, ge=1)
 
-    def search_settings(self) -> SearchSettings:
+    def search_settings(self):  # -> gda.index.SearchSettings (faiss is imported only where the index is built)
+        from gda.index import SearchSettings
+
         return SearchSettings(**self.model_dump())

@@ -32,10 +32,9 @@ from resources.parquet_io import (
     SCHEMA_FILE,
     ParquetIOManager,
     ensure_schema_file,
-    partition_file,
     table_folder,
     view_sql,
-    write_parquet_atomically,
+    write_partition,
 )
 from sql import named_query
 
@@ -134,8 +133,8 @@ class Warehouse(dg.ConfigurableResource):
         keys = [row[0] for row in con.execute(f"SELECT DISTINCT {column} FROM {qualified} ORDER BY 1").fetchall()]
         rows = 0
         for key in keys:
-            frame = tables.conform(table, con.execute(f"SELECT * FROM {qualified} WHERE {column} = ?", [key]).pl())
-            write_parquet_atomically(frame, partition_file(self.tables_root, table, column, key))
+            frame = con.execute(f"SELECT * FROM {qualified} WHERE {column} = ?", [key]).pl()
+            write_partition(self.tables_root, table, column, key, frame)
             rows += frame.height
         if rows:
             log.warning(f"{table}: {rows} rows moved from gda.duckdb to Parquet files in {table_folder(self.tables_root, table)}")
@@ -147,8 +146,7 @@ class Warehouse(dg.ConfigurableResource):
         if table in self.parquet_tables:
             if partition is None:
                 raise ValueError(f"{table} is kept as Parquet files per partition; replace it one partition at a time")
-            rows = tables.conform(table, frame)
-            write_parquet_atomically(rows.filter(pl.col(partition[0]) == partition[1]), partition_file(self.tables_root, table, *partition))
+            write_partition(self.tables_root, table, *partition, frame)
             return
         where, params = (f"WHERE {partition[0]} = ?", [partition[1]]) if partition else ("", [])
         with self._connect(read_only=False) as con:
