@@ -581,13 +581,11 @@ class DiffusionItems:
         return (len(self.item_ids) + self.batch_size - 1) // self.batch_size
 
     def __iter__(self) -> Iterator[DiffusionBatch]:
-        from gda.diffusion.loss import encode_images
+        from gda.diffusion.loss import model_space
 
-        channels = self.bundle.sample_shape[0]
         for start in range(0, len(self.item_ids), self.batch_size):
             stop = start + self.batch_size
-            x = self.images_or_latents[start:stop]
-            x0 = x.to(self.bundle.device, torch.float32) if x.shape[1] == channels else encode_images(self.bundle, x)
+            x0 = model_space(self.bundle, self.images_or_latents[start:stop])
             yield DiffusionBatch(x0, self.prompt_states[start:stop], tuple(self.item_ids[start:stop]))
 
     def loss_fn(self, batch: DiffusionBatch) -> torch.Tensor:

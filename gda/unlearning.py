@@ -44,7 +44,7 @@ from torch import nn
 
 from gda import ekfac
 from gda.diffusion.bundle import DiffusionBundle
-from gda.diffusion.loss import _model_space, draw_losses, make_draws, scoring_timesteps
+from gda.diffusion.loss import model_space, draw_losses, make_draws, scoring_timesteps
 
 DEFAULT_RELATIVE_STEP = 1e-3
 
@@ -85,7 +85,7 @@ def query_gradient(
     """
     if n_draws < 1 or batch_size < 1:
         raise ValueError(f"n_draws and batch_size must be >= 1, got {n_draws} and {batch_size}")
-    x0 = _model_space(bundle, sample.unsqueeze(0) if sample.dim() == 3 else sample)
+    x0 = model_space(bundle, sample.unsqueeze(0) if sample.dim() == 3 else sample)
     states = prompt_states.unsqueeze(0) if prompt_states.dim() == 2 else prompt_states
     if x0.shape[0] != 1 or states.shape[0] != 1:
         raise ValueError("query_gradient takes one query: one sample and one prompt")
@@ -212,7 +212,7 @@ def _scoring_losses(
     for start in range(0, len(ids), batch_size):
         chunk = ids[start : start + batch_size]
         views = _orientations(images[start : start + batch_size], flip)
-        x0 = torch.cat([_model_space(bundle, v) for v in views])
+        x0 = torch.cat([model_space(bundle, v) for v in views])
         states = prompt_states[start : start + batch_size].repeat(len(views), 1, 1)
         draws = make_draws(chunk * len(views), indices, seed, bundle.sample_shape, steps, _num_train_timesteps(bundle))
         losses = draw_losses(bundle, x0, states, draws).mean(dim=1).float().cpu()
@@ -333,7 +333,7 @@ def training_side(
         b = len(chunk)
         batch_states = prompt_states[start : start + b]
         views = _orientations(images[start : start + b], flip)
-        x0 = torch.cat([_model_space(bundle, v) for v in views])
+        x0 = torch.cat([model_space(bundle, v) for v in views])
         states = batch_states.repeat(n_views, 1, 1)
         draws = make_draws(chunk * n_views, indices, seed, bundle.sample_shape, steps, _num_train_timesteps(bundle))
 

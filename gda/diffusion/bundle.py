@@ -107,6 +107,12 @@ class DiffusionBundle:
         return self.unet.device
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the denoising loss is computed in: the UNet's parameters' (float32 in the product; a
+        float64 UNet lets tests compare two computations of the same gradient on any CPU)."""
+        return self.unet.dtype
+
+    @property
     def sample_shape(self) -> tuple[int, int, int]:
         """(channels, height, width) of what the UNet denoises: pixels, or latents with a VAE."""
         size = int(self.unet.config.sample_size)

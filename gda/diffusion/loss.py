@@ -91,23 +91,24 @@ def encode_images(bundle: DiffusionBundle, images: torch.Tensor, batch_size: int
     """What the UNet denoises: images in [-1, 1] themselves, or VAE posterior means x scaling factor.
 
     The posterior mean (not a sample) keeps latents deterministic (gda.diffusion.card.LATENT_ENCODING,
-    recorded in a registered model's card). Returned on the bundle's device.
+    recorded in a registered model's card). Returned on the bundle's device in the bundle's dtype.
     """
-    images = images.to(bundle.device, torch.float32)
     if bundle.vae is None:
-        return images
+        return images.to(bundle.device, bundle.dtype)
+    images = images.to(bundle.device, bundle.vae.dtype)
     scale = float(bundle.vae.config.scaling_factor)
     parts = [
         bundle.vae.encode(images[i : i + batch_size]).latent_dist.mean * scale
         for i in range(0, len(images), batch_size)
     ]
-    return torch.cat(parts)
+    return torch.cat(parts).to(bundle.dtype)
 
 
-def _model_space(bundle: DiffusionBundle, images_or_latents: torch.Tensor) -> torch.Tensor:
+def model_space(bundle: DiffusionBundle, images_or_latents: torch.Tensor) -> torch.Tensor:
+    """What the UNet denoises, from RGB images (encoded when the bundle has a VAE) or model-space inputs."""
     channels = images_or_latents.shape[1]
     if channels == bundle.sample_shape[0]:
-        return images_or_latents.to(bundle.device, torch.float32)
+        return images_or_latents.to(bundle.device, bundle.dtype)
     if bundle.vae is not None and channels == bundle.vae.config.in_channels:
         return encode_images(bundle, images_or_latents)
     raise ValueError(f"expected {bundle.sample_shape[0]}-channel model inputs or images, got {channels} channels")
@@ -141,10 +142,10 @@ def draw_losses(
     if x0.shape[0] != n or prompt_states.shape[0] != n:
         raise ValueError(f"{x0.shape[0]} inputs and {prompt_states.shape[0]} prompt states for {n} items")
     device = bundle.device
-    x = x0.to(device, torch.float32).repeat_interleave(d, dim=0)
-    states = prompt_states.to(device, torch.float32).repeat_interleave(d, dim=0)
+    x = x0.to(device, bundle.dtype).repeat_interleave(d, dim=0)
+    states = prompt_states.to(device, bundle.dtype).repeat_interleave(d, dim=0)
     t = draws.timesteps.reshape(-1).to(device)
-    noise = draws.noise.reshape(n * d, *x.shape[1:]).to(device)
+    noise = draws.noise.reshape(n * d, *x.shape[1:]).to(device, bundle.dtype)
     noisy = bundle.scheduler.add_noise(x, noise, t)
     prediction = bundle.scheduler.config.prediction_type
     if prediction == "epsilon":
@@ -156,7 +157,7 @@ def draw_losses(
     else:
         raise ValueError(f"unsupported prediction type {prediction!r}")
     predicted = bundle.unet(noisy, t, encoder_hidden_states=states).sample
-    losses = (predicted.float() - target).pow(2).mean(dim=(1, 2, 3))
+    losses = (predicted.to(target.dtype) - target).pow(2).mean(dim=(1, 2, 3))
     if snr_gamma is not None:
         losses = losses * _min_snr_weight(bundle, t, snr_gamma)
     return losses.view(n, d)
@@ -177,7 +178,7 @@ def per_item_loss(
     `images_or_latents` are RGB in [-1, 1] (encoded through the VAE when there is one) or already in
     model space (as many channels as the UNet takes).
     """
-    x0 = _model_space(bundle, images_or_latents)
+    x0 = model_space(bundle, images_or_latents)
     draws = make_draws(
         item_ids, draw_indices, seed, bundle.sample_shape, timesteps, bundle.scheduler.config.num_train_timesteps
     )
