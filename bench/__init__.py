@@ -29,7 +29,13 @@ class Setting:
 
     def header(self, name: str) -> dict[str, Any]:
         machine = f"{platform.machine()} {platform.processor() or ''}".strip()
-        return {"benchmark": name, "profile": self.profile, "threads": self.threads, "machine": machine, "device": self.device}
+        return {
+            "benchmark": name,
+            "profile": self.profile,
+            "threads": self.threads,
+            "machine": machine,
+            "device": self.device,
+        }
 
 
 def run(name: str, home: Path, profile: str | None) -> dict[str, Any]:

@@ -16,7 +16,9 @@ def run(setting: Setting) -> dict[str, Any]:
 
     result: dict[str, Any] = {**setting.header("gpu"), "torch": torch.__version__, "torch_cuda": torch.version.cuda}
     if not torch.cuda.is_available():
-        reason = f"torch {torch.__version__} sees no CUDA device (built for CUDA: {torch.version.cuda or 'no, a CPU build'})"
+        reason = (
+            f"torch {torch.__version__} sees no CUDA device (built for CUDA: {torch.version.cuda or 'no, a CPU build'})"
+        )
         return {**result, "cuda": False, "reason": reason, "table": [["CUDA", "none", reason]]}
     on_gpu = dataclasses.replace(setting, device="cuda")
     parts = {"teacher": teacher.run(on_gpu), "latency": latency.run(on_gpu)}

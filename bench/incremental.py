@@ -26,8 +26,13 @@ from gda_assets.factory import build_defs
 from gda_assets.runner import absorb_new_shards, open_instance
 
 PER_SHARD = [
-    "training_images", "rejected_images", "image_features", "text_features", "training_gradients",
-    "baseline_losses", "training_embeddings",
+    "training_images",
+    "rejected_images",
+    "image_features",
+    "text_features",
+    "training_gradients",
+    "baseline_losses",
+    "training_embeddings",
 ]
 
 
@@ -51,7 +56,9 @@ def _settle_copied_runs(home: Home) -> None:
     import dagster as dg
 
     instance = open_instance(home)
-    for run in instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING])):
+    for run in instance.get_runs(
+        filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING])
+    ):
         instance.report_run_failed(run)
         instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
 
@@ -66,7 +73,9 @@ def _rebuild_seconds(home: Home, profile: str, shards: list[str]) -> float:
     job = defs.resolve_implicit_job_def_def_for_assets(keys)
     started = time.perf_counter()
     for shard in shards:
-        result = job.execute_in_process(instance=instance, partition_key=shard, asset_selection=keys, raise_on_error=False)
+        result = job.execute_in_process(
+            instance=instance, partition_key=shard, asset_selection=keys, raise_on_error=False
+        )
         if not result.success:
             raise RuntimeError(f"rebuilding shard {shard} failed; see the run in the copied home {home.root}")
     (home.artifacts / "attribution_index" / INDEX_FILE).unlink()

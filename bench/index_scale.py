@@ -62,10 +62,19 @@ def _evict(path: Path) -> None:
         os.close(descriptor)
 
 
-def measure(real: np.ndarray, n_vectors: int = N_VECTORS, nlist: int = NLIST, pq_bytes: int = PQ_BYTES, nprobe: int = 32, seed: int = 0) -> dict[str, Any]:
+def measure(
+    real: np.ndarray,
+    n_vectors: int = N_VECTORS,
+    nlist: int = NLIST,
+    pq_bytes: int = PQ_BYTES,
+    nprobe: int = 32,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Build an IVF-PQ index over ``n_vectors`` synthetic vectors shaped like ``real`` and measure it."""
     shape = synthetic.spectrum(real)
-    settings = index.SearchSettings(ivf_above=0, pq_above=0, nlist=nlist, nprobe=nprobe, pq_bytes=pq_bytes, train_rows=64 * nlist)
+    settings = index.SearchSettings(
+        ivf_above=0, pq_above=0, nlist=nlist, nprobe=nprobe, pq_bytes=pq_bytes, train_rows=64 * nlist
+    )
     queries = synthetic.draw(shape, RECALL_QUERIES + WARMUP, seed=(seed, 1))
     recall_queries = queries[WARMUP:]
 
@@ -89,7 +98,9 @@ def measure(real: np.ndarray, n_vectors: int = N_VECTORS, nlist: int = NLIST, pq
     sweep = []
     for probes in NPROBES:
         ivf.nprobe = probes
-        sweep.append({"nprobe": probes, **_latency(built, queries), "recall_at_10": _recall(built, recall_queries, exact.I)})
+        sweep.append(
+            {"nprobe": probes, **_latency(built, queries), "recall_at_10": _recall(built, recall_queries, exact.I)}
+        )
     ivf.nprobe = nprobe
     chosen = next(row for row in sweep if row["nprobe"] == nprobe)
 
@@ -126,8 +137,10 @@ def measure(real: np.ndarray, n_vectors: int = N_VECTORS, nlist: int = NLIST, pq
         "nprobe_sweep": sweep,
         "on_disk": {
             "lists_bytes": lists_bytes,
-            "cold_p50_ms": cold["p50_ms"], "cold_p95_ms": cold["p95_ms"],
-            "warm_p50_ms": warm["p50_ms"], "warm_p95_ms": warm["p95_ms"],
+            "cold_p50_ms": cold["p50_ms"],
+            "cold_p95_ms": cold["p95_ms"],
+            "warm_p50_ms": warm["p50_ms"],
+            "warm_p95_ms": warm["p95_ms"],
             "recall_at_10": on_disk_recall,
         },
     }
@@ -136,17 +149,35 @@ def measure(real: np.ndarray, n_vectors: int = N_VECTORS, nlist: int = NLIST, pq
 def table(result: dict[str, Any]) -> list[list[str]]:
     rows = [
         ["vectors", f"{result['n_vectors']:,}", f"x {result['dim']} ({result['index']})"],
-        ["bytes per vector", f"{result['bytes_per_vector']:.1f}", f"B (index file {result['index_bytes'] / 1e9:.2f} GB)"],
+        [
+            "bytes per vector",
+            f"{result['bytes_per_vector']:.1f}",
+            f"B (index file {result['index_bytes'] / 1e9:.2f} GB)",
+        ],
         ["train", f"{result['train_s']:.0f}", f"s ({result['train_rows']:,} rows)"],
         ["add", f"{result['add_s']:.0f}", f"s ({result['add_vectors_per_s']:,.0f} vectors/s)"],
     ]
     for row in result["nprobe_sweep"]:
         mark = " <- profile" if row["nprobe"] == result["nprobe"] else ""
-        rows.append([f"nprobe {row['nprobe']}", f"{row['p50_ms']:.2f}", f"ms p50 (p95 {row['p95_ms']:.2f}), recall@10 {row['recall_at_10']:.3f}{mark}"])
+        rows.append(
+            [
+                f"nprobe {row['nprobe']}",
+                f"{row['p50_ms']:.2f}",
+                f"ms p50 (p95 {row['p95_ms']:.2f}), recall@10 {row['recall_at_10']:.3f}{mark}",
+            ]
+        )
     disk = result["on_disk"]
     rows += [
-        ["lists on disk, cold", f"{disk['cold_p50_ms']:.2f}", f"ms p50 (p95 {disk['cold_p95_ms']:.2f}; page cache evicted first)"],
-        ["lists on disk, warm", f"{disk['warm_p50_ms']:.2f}", f"ms p50 (p95 {disk['warm_p95_ms']:.2f}), recall@10 {disk['recall_at_10']:.3f}"],
+        [
+            "lists on disk, cold",
+            f"{disk['cold_p50_ms']:.2f}",
+            f"ms p50 (p95 {disk['cold_p95_ms']:.2f}; page cache evicted first)",
+        ],
+        [
+            "lists on disk, warm",
+            f"{disk['warm_p50_ms']:.2f}",
+            f"ms p50 (p95 {disk['warm_p95_ms']:.2f}), recall@10 {disk['recall_at_10']:.3f}",
+        ],
     ]
     return rows
 
@@ -154,7 +185,9 @@ def table(result: dict[str, Any]) -> list[list[str]]:
 def run(setting: Setting) -> dict[str, Any]:
     files = sorted((setting.home.artifacts / "training_embeddings").glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{setting.home.root} has no training embeddings; run `gda demo --home {setting.home.root}` first")
+        raise FileNotFoundError(
+            f"{setting.home.root} has no training embeddings; run `gda demo --home {setting.home.root}` first"
+        )
     real = np.concatenate([arrays.load(path).values for path in files])
     nprobe = int(setting.values.get("index", {}).get("nprobe", index.SearchSettings().nprobe))
     result = {**setting.header("index-scale"), "real_embeddings": len(real), **measure(real, nprobe=nprobe)}

@@ -72,9 +72,15 @@ class _Client:
 
 def _form(image: bytes, prompt: str, top_k: int) -> bytes:
     """The multipart/form-data body of an /attribute request (parts separated by BOUNDARY)."""
-    head = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="query.png"\r\nContent-Type: image/png\r\n\r\n'
-    fields = "".join(f'\r\n--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}'
-                     for name, value in (("prompt", prompt), ("top_k", top_k)))
+    head = (
+        f"--{BOUNDARY}\r\n"
+        'Content-Disposition: form-data; name="image"; filename="query.png"\r\n'
+        "Content-Type: image/png\r\n\r\n"
+    )
+    fields = "".join(
+        f'\r\n--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}'
+        for name, value in (("prompt", prompt), ("top_k", top_k))
+    )
     return head.encode() + image + f"{fields}\r\n--{BOUNDARY}--\r\n".encode()
 
 
@@ -112,7 +118,9 @@ def run(setting: Setting, clients: int = CLIENTS, seconds: float = SECONDS) -> d
     with open_engine(home, setting.profile) as engine, tempfile.TemporaryDirectory() as scratch:
         engine.audit = AuditLog(Path(scratch) / "audit.duckdb", Path(scratch) / "spool.jsonl", "http")
         if not engine.test_queries:
-            raise FileNotFoundError(f"{home.root} has no generated test queries; run `gda demo --home {home.root}` first")
+            raise FileNotFoundError(
+                f"{home.root} has no generated test queries; run `gda demo --home {home.root}` first"
+            )
         top_k = min(TOP_K, engine.max_top_k)
         bodies = [_form(engine.query_image(q.query_id), q.prompt, top_k) for q in engine.test_queries.values()]
         seen = [_Client() for _ in range(clients)]
@@ -156,7 +164,11 @@ def run(setting: Setting, clients: int = CLIENTS, seconds: float = SECONDS) -> d
         return "-" if result[key] is None else f"{result[key]:.1f}"
 
     result["table"] = [
-        ["clients x seconds", f"{clients} x {seconds:g}", f"POST /attribute on loopback, top_k {top_k}, {setting.threads} torch thread(s)"],
+        [
+            "clients x seconds",
+            f"{clients} x {seconds:g}",
+            f"POST /attribute on loopback, top_k {top_k}, {setting.threads} torch thread(s)",
+        ],
         ["requests", str(result["requests"]), f"({result['answered']} answered)"],
         ["throughput", f"{result['throughput_per_s']:.2f}", "requests/s"],
         ["latency p50", ms("p50_ms"), "ms"],

@@ -12,9 +12,9 @@ from typing import Any
 import duckdb
 import torch
 
+from bench import Setting
 from gda.diffusion import ScratchModelConfig, build_from_scratch, evaluate_loss, load, sample, train
 from gda.diffusion.card import read_card, weights_dir
-from bench import Setting
 from gda.home import Home
 from gda.profiles import profile_values
 from resources.diffusion import SamplingSettings
@@ -71,7 +71,7 @@ def run(setting: Setting) -> dict[str, Any]:
     step_seconds = _steady_train_seconds(bundle, images, captions, TRAIN_STEPS)
 
     states = bundle.text.encode_prompts([caption[0] for caption in captions[:BATCH]]).repeat(LOSS_ITEMS // BATCH, 1, 1)
-    x0 = (torch.rand(LOSS_ITEMS, c, h, w, generator=generator) * 2 - 1)
+    x0 = torch.rand(LOSS_ITEMS, c, h, w, generator=generator) * 2 - 1
     started = time.perf_counter()
     evaluate_loss(bundle, x0, states, list(range(LOSS_ITEMS)), [0], seed=1, snr_gamma=snr_gamma, batch_size=BATCH)
     loss_rate = LOSS_ITEMS / (time.perf_counter() - started)
@@ -112,7 +112,15 @@ def run(setting: Setting) -> dict[str, Any]:
     if result["prompt_following"]:
         colours = result["prompt_following"]
         result["table"] += [
-            ["foreground colour accuracy", f"{colours['fg_accuracy']:.3f}", f"of {colours['n_queries']} queries (chance 0.125)"],
-            ["background colour accuracy", f"{colours['bg_accuracy']:.3f}", f"of {colours['n_queries']} queries (chance 0.125)"],
+            [
+                "foreground colour accuracy",
+                f"{colours['fg_accuracy']:.3f}",
+                f"of {colours['n_queries']} queries (chance 0.125)",
+            ],
+            [
+                "background colour accuracy",
+                f"{colours['bg_accuracy']:.3f}",
+                f"of {colours['n_queries']} queries (chance 0.125)",
+            ],
         ]
     return result

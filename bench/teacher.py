@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
+from bench import Setting
 from gda import teacher as science
 from gda.diffusion.loss import Draws, draw_losses, make_draws
 from gda.ekfac import DiffusionItems, fit_diffusion_factors, load_factors, select_modules
-from bench import Setting
 from gda.unlearning import baseline_losses, finite_scores, training_side
 
 FIT_IMAGES = 512  # training images (x one draw) for the side-by-side EK-FAC fit
@@ -71,11 +71,16 @@ def _kronfluence_fit(items: DiffusionItems, which: str, snr_gamma: float | None)
     dataset = TensorDataset(x0, items.prompt_states, draws.timesteps[:, 0], draws.noise[:, 0])
     with tempfile.TemporaryDirectory() as out, warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        analyzer = Analyzer("bench", model=model, task=task, cpu=True, disable_tqdm=True, output_dir=out, log_level=logging.WARNING)
+        analyzer = Analyzer(
+            "bench", model=model, task=task, cpu=True, disable_tqdm=True, output_dir=out, log_level=logging.WARNING
+        )
         started = time.perf_counter()
         analyzer.fit_all_factors(
-            "kf", dataset, per_device_batch_size=items.batch_size,
-            factor_args=FactorArguments(strategy="ekfac", use_empirical_fisher=True), overwrite_output_dir=True,
+            "kf",
+            dataset,
+            per_device_batch_size=items.batch_size,
+            factor_args=FactorArguments(strategy="ekfac", use_empirical_fisher=True),
+            overwrite_output_dir=True,
         )
         seconds = time.perf_counter() - started
         return seconds, load_factors(analyzer.factors_output_dir("kf"))
@@ -89,7 +94,9 @@ def _lambda_difference(ours: Any, theirs: Any) -> float:
     return worst
 
 
-def _throughput(bundle: Any, modules: Any, step: Any, items: tuple, config: Any, rounds: int = ROUNDS) -> tuple[float, float, int]:
+def _throughput(
+    bundle: Any, modules: Any, step: Any, items: tuple, config: Any, rounds: int = ROUNDS
+) -> tuple[float, float, int]:
     """(finite candidate-evaluation rows/s, plain UNet forward rows/s, rows per UNet call): the same items
     scored with the step applied, and bare forwards of as many rows in calls of the same size; best of
     ``rounds`` interleaved rounds, so a busy machine slows both alike."""
@@ -103,7 +110,17 @@ def _throughput(bundle: Any, modules: Any, step: Any, items: tuple, config: Any,
     scoring, forward = [], []
     for _ in range(rounds):
         seconds, _ = _timed(
-            finite_scores, bundle, modules, step.delta, images, states, ids, config.seed, baseline, timesteps, config.batch_size
+            finite_scores,
+            bundle,
+            modules,
+            step.delta,
+            images,
+            states,
+            ids,
+            config.seed,
+            baseline,
+            timesteps,
+            config.batch_size,
         )
         scoring.append(seconds)
         with torch.no_grad():
@@ -145,8 +162,14 @@ def run(setting: Setting) -> dict[str, Any]:
     fit_rows = rows.head(FIT_IMAGES)
     images, states = images_and_states(bundle, corpus, fit_rows)
     items = DiffusionItems(
-        bundle, images, states, fit_rows["id"].to_list(), [0], seed=settings.seed,
-        batch_size=settings.batch_size, snr_gamma=card.snr_gamma,
+        bundle,
+        images,
+        states,
+        fit_rows["id"].to_list(),
+        [0],
+        seed=settings.seed,
+        batch_size=settings.batch_size,
+        snr_gamma=card.snr_gamma,
     )
 
     # 1. EK-FAC fit, ours and kronfluence's, on the same items.
@@ -191,19 +214,35 @@ def run(setting: Setting) -> dict[str, Any]:
         baseline_seconds, n_baselines = baseline_seconds + seconds, n_baselines + len(ids)
     by_ids = {tuple(finite_batch.candidates[q]): value for q, value in prepared.items()}
     finite_seconds, finite = _timed(
-        science.finite_scores, bundle, modules, steps[:FINITE_QUERIES], finite_batch, lambda ids: by_ids[tuple(ids)], config
+        science.finite_scores,
+        bundle,
+        modules,
+        steps[:FINITE_QUERIES],
+        finite_batch,
+        lambda ids: by_ids[tuple(ids)],
+        config,
     )
     side_images = images[:ONE_OFF_IMAGES]
     side_seconds, _ = _timed(
-        training_side, bundle, modules, side_images, states[:ONE_OFF_IMAGES], ids[:ONE_OFF_IMAGES], config.seed,
-        science.timesteps(config), config.batch_size,
+        training_side,
+        bundle,
+        modules,
+        side_images,
+        states[:ONE_OFF_IMAGES],
+        ids[:ONE_OFF_IMAGES],
+        config.seed,
+        science.timesteps(config),
+        config.batch_size,
     )
     first = finite_batch.query_ids[0]
     first_ids = finite_batch.candidates[first][:THROUGHPUT_ITEMS]
     images, states, baseline = prepared[first]
     evaluation_rate, forward_rate, rows_per_call = _throughput(
-        bundle, modules, steps[0],
-        (images[:THROUGHPUT_ITEMS], states[:THROUGHPUT_ITEMS], first_ids, baseline[:THROUGHPUT_ITEMS]), config,
+        bundle,
+        modules,
+        steps[0],
+        (images[:THROUGHPUT_ITEMS], states[:THROUGHPUT_ITEMS], first_ids, baseline[:THROUGHPUT_ITEMS]),
+        config,
     )
 
     reseed_seconds, reseeded_steps = _timed(teacher.deltas, batch, config.seed + 1_000_003)
@@ -243,22 +282,44 @@ def run(setting: Setting) -> dict[str, Any]:
     ]
     if kronfluence is not None:
         result["table"] += [
-            ["EK-FAC fit, kronfluence 1.0.1", f"{fit['kronfluence_seconds']:.1f}", f"s ({fit['kronfluence_over_ours']:.1f}x ours)"],
+            [
+                "EK-FAC fit, kronfluence 1.0.1",
+                f"{fit['kronfluence_seconds']:.1f}",
+                f"s ({fit['kronfluence_over_ours']:.1f}x ours)",
+            ],
             ["  corrected eigenvalues differ", f"{fit['lambda_max_relative_difference']:.1e}", "max relative"],
         ]
     else:
-        result["table"] += [["EK-FAC fit, kronfluence", "n/a", "not installed (pip install --no-deps kronfluence==1.0.1)"]]
+        result["table"] += [
+            ["EK-FAC fit, kronfluence", "n/a", "not installed (pip install --no-deps kronfluence==1.0.1)"]
+        ]
     result["table"] += [
         ["finite candidate evaluations", f"{evaluation_rate:.0f}", "UNet rows/s"],
         ["plain UNet forward", f"{forward_rate:.0f}", f"rows/s ({rows_per_call} rows per call)"],
         ["finite / forward", f"{result['finite_over_forward']:.2f}", "(goal >= 0.9)"],
         ["first order, per query", f"{spq['first_order_k']:.2f}", f"s ({k} candidates)"],
         ["first order, whole set", f"{spq['first_order_whole_set']:.2f}", f"s/query ({len(teacher.side)} images)"],
-        ["finite, per query", f"{spq['finite_k']:.2f}", f"s ({k} candidates; {result['finite_over_first_order']:.0f}x first order)"],
+        [
+            "finite, per query",
+            f"{spq['finite_k']:.2f}",
+            f"s ({k} candidates; {result['finite_over_first_order']:.0f}x first order)",
+        ],
         ["  of which unlearning step", f"{per_query_delta:.2f}", f"s ({config.query_draws} query draws)"],
-        ["one-off training side", f"{result['one_off_seconds_per_image']['training_side'] * 1000:.0f}", "ms/image (first order)"],
-        ["one-off baseline losses", f"{result['one_off_seconds_per_image']['baseline_losses'] * 1000:.0f}", "ms/image (finite)"],
-        ["first order vs finite", f"{modes['spearman_mean']:.3f}", f"Spearman, mean of {modes['queries']} queries (min {modes['spearman_min']:.3f})"],
+        [
+            "one-off training side",
+            f"{result['one_off_seconds_per_image']['training_side'] * 1000:.0f}",
+            "ms/image (first order)",
+        ],
+        [
+            "one-off baseline losses",
+            f"{result['one_off_seconds_per_image']['baseline_losses'] * 1000:.0f}",
+            "ms/image (finite)",
+        ],
+        [
+            "first order vs finite",
+            f"{modes['spearman_mean']:.3f}",
+            f"Spearman, mean of {modes['queries']} queries (min {modes['spearman_min']:.3f})",
+        ],
         ["  top-50 overlap", f"{modes['top50_overlap_mean']:.2f}", ""],
         ["another query-draw seed", f"{noise['spearman_mean']:.3f}", f"Spearman, mean of {noise['queries']} queries"],
         ["  top-50 overlap", f"{noise['top50_overlap_mean']:.2f}", "the teacher's own noise"],

@@ -60,7 +60,10 @@ class AttributionIndex:
 def shard_hash(shard: IdArray) -> str:
     """A hash of a shard's ids and embeddings (shape, dtype and bytes)."""
     digest = hashlib.sha256()
-    for array in (np.ascontiguousarray(shard.ids, dtype=np.int64), np.ascontiguousarray(shard.values, dtype=np.float32)):
+    for array in (
+        np.ascontiguousarray(shard.ids, dtype=np.int64),
+        np.ascontiguousarray(shard.values, dtype=np.float32),
+    ):
         digest.update(str(array.shape).encode())
         digest.update(array.tobytes())
     return digest.hexdigest()[:16]
@@ -96,14 +99,18 @@ def _manifest_fields(manifest: Manifest) -> dict[str, object]:
     return fields
 
 
-def _versioned(index: faiss.Index, embedder_version: str, hashes: Mapping[str, str], counts: Mapping[str, int], dim: int) -> AttributionIndex:
+def _versioned(
+    index: faiss.Index, embedder_version: str, hashes: Mapping[str, str], counts: Mapping[str, int], dim: int
+) -> AttributionIndex:
     entries = {name: ShardEntry(counts[name], hashes[name]) for name in sorted(hashes)}
     manifest = Manifest(embedder_version, dim, faiss_search.kind_of(index), int(index.ntotal), entries, version="")
     version = _version(faiss.serialize_index(index), _manifest_fields(manifest))
     return AttributionIndex(index, replace(manifest, version=version))
 
 
-def _rebuild_reason(current: Manifest, embedder_version: str, hashes: Mapping[str, str], total: int, settings: SearchSettings, dim: int) -> str | None:
+def _rebuild_reason(
+    current: Manifest, embedder_version: str, hashes: Mapping[str, str], total: int, settings: SearchSettings, dim: int
+) -> str | None:
     if current.embedder_version != embedder_version:
         return f"embedder version {current.embedder_version} -> {embedder_version}"
     if current.dim != dim:
@@ -135,12 +142,16 @@ def update_index(
     hashes = {name: shard_hash(shard) for name, shard in shards.items()}
     counts = {name: len(shard.ids) for name, shard in shards.items()}
     total = sum(counts.values())
-    reason = None if current is None else _rebuild_reason(current.manifest, embedder_version, hashes, total, settings, dim)
+    reason = (
+        None if current is None else _rebuild_reason(current.manifest, embedder_version, hashes, total, settings, dim)
+    )
     if current is None or reason is not None:
         built = faiss_search.empty(dim, total, _training_sample(shards, total, settings.train_rows), settings)
         for name in sorted(shards):
             faiss_search.add(built, shards[name].ids, shards[name].values)
-        return _versioned(built, embedder_version, hashes, counts, dim), "built" if current is None else f"rebuilt: {reason}"
+        return _versioned(
+            built, embedder_version, hashes, counts, dim
+        ), "built" if current is None else f"rebuilt: {reason}"
     added = sorted(set(shards) - set(current.manifest.shards))
     if not added:
         return current, "unchanged"
@@ -165,7 +176,9 @@ def search(index: AttributionIndex, query_embeddings: np.ndarray, k: int) -> tup
     """(training ids, inner products), each (n_queries, min(k, count)), best first. An IVF index can find
     fewer than k in the lists it probes: missing results have id -1."""
     if query_embeddings.ndim != 2 or query_embeddings.shape[1] != index.manifest.dim:
-        raise ValueError(f"query embeddings of shape {query_embeddings.shape} do not match the index width {index.manifest.dim}")
+        raise ValueError(
+            f"query embeddings of shape {query_embeddings.shape} do not match the index width {index.manifest.dim}"
+        )
     # A copy: gda.index.search normalises float32 queries in place.
     return faiss_search.search(index.faiss_index, np.array(query_embeddings, dtype=np.float32), k)
 
@@ -188,7 +201,9 @@ def load_index(path: Path) -> AttributionIndex:
         with safe_open(str(path), framework="numpy") as handle:
             saved = json.loads((handle.metadata() or {})[_MANIFEST])
             serialised = handle.get_tensor(_TENSOR)
-        manifest = Manifest(**{**saved, "shards": {name: ShardEntry(**entry) for name, entry in saved["shards"].items()}})
+        manifest = Manifest(
+            **{**saved, "shards": {name: ShardEntry(**entry) for name, entry in saved["shards"].items()}}
+        )
         if _version(serialised, _manifest_fields(manifest)) != manifest.version:
             raise ValueError(f"content does not hash to its manifest version {manifest.version}")
         index = faiss.deserialize_index(serialised)

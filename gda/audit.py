@@ -126,7 +126,9 @@ def _read_spool(handle: IO[str], path: Path) -> list[dict[str, object]]:
 
 def _insert(con: duckdb.DuckDBPyConnection, rows: Sequence[dict[str, object]]) -> None:
     schema = {**tables.polars_schema("attribution_log"), "logged_at": pl.String}
-    frame = pl.DataFrame(rows, schema=schema).with_columns(pl.col("logged_at").str.to_datetime(_TIME_FORMAT, time_unit="us"))
+    frame = pl.DataFrame(rows, schema=schema).with_columns(
+        pl.col("logged_at").str.to_datetime(_TIME_FORMAT, time_unit="us")
+    )
     con.register("incoming", frame)
     try:
         con.execute(_INSERT, [frame["logged_at"].min(), frame["logged_at"].max()])

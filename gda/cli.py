@@ -28,7 +28,10 @@ def _print_reports(reports) -> int:
         print(f"{report.shard:>8} {report.accepted:>9} {report.rejected:>9}  {'ok' if report.succeeded else 'FAILED'}")
     failed = [r.shard for r in reports if not r.succeeded]
     if failed:
-        print(f"{len(failed)} shard run(s) failed: {', '.join(failed)}; open the runs in the UI for the cause", file=sys.stderr)
+        print(
+            f"{len(failed)} shard run(s) failed: {', '.join(failed)}; open the runs in the UI for the cause",
+            file=sys.stderr,
+        )
     return 1 if failed else 0
 
 
@@ -132,8 +135,11 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     spool = home.root / SPOOL_FILE
     if spool.exists() and spool.stat().st_size:
         pending = sum(1 for line in spool.read_text(encoding="utf-8").splitlines() if line.strip())
-        print(f"gda: {pending} answer(s) logged while the database was busy wait in {spool}; "
-              "they are stored with the next answer", file=sys.stderr)
+        print(
+            f"gda: {pending} answer(s) logged while the database was busy wait in {spool}; "
+            "they are stored with the next answer",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -215,9 +221,9 @@ def _print_sample_attribution(home: Home, profile: str | None, shards: Path | No
     image = home.artifacts / image_path
     with open_engine(home, profile, shards=shards, interface="cli") as engine:
         answer = engine.attribute(image.read_bytes(), prompt, min(5, engine.max_top_k))
-    print(f"\nsample attribution of test query {query_id}: \"{prompt}\" ({image})")
+    print(f'\nsample attribution of test query {query_id}: "{prompt}" ({image})')
     _print_answer(answer)
-    print(f"same from the command line: gda query --home {home.root} --image {image} --prompt \"{prompt}\" --top-k 5")
+    print(f'same from the command line: gda query --home {home.root} --image {image} --prompt "{prompt}" --top-k 5')
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
@@ -232,8 +238,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     # From the environment, never a flag: a command line is visible to every user of the machine in `ps`.
     token = os.environ.get("GDA_API_TOKEN")
     if token is None and args.host not in LOOPBACK_HOSTS:
-        print(f"gda: warning: serving on {args.host} without GDA_API_TOKEN: anyone who reaches the port can query "
-              "and read the training images; set GDA_API_TOKEN to require a bearer token", file=sys.stderr)
+        print(
+            f"gda: warning: serving on {args.host} without GDA_API_TOKEN: anyone who reaches the port can query "
+            "and read the training images; set GDA_API_TOKEN to require a bearer token",
+            file=sys.stderr,
+        )
     _use_profile_threads(args.profile)
     with open_engine(Home.resolve(args.home), args.profile, interface="http") as engine:
         if engine.refusal is not None:
@@ -250,7 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the main job on the embedded default corpus (or --shards)")
     _add_common(demo)
     demo.add_argument("--shards", default=os.environ.get("GDA_SHARDS"), help="use your own img2dataset shards folder")
-    demo.add_argument("--retrain", action="store_true", help="train the diffusion model even if a shipped checkpoint fits")
+    demo.add_argument(
+        "--retrain", action="store_true", help="train the diffusion model even if a shipped checkpoint fits"
+    )
     demo.set_defaults(run=_cmd_demo)
 
     ingest = commands.add_parser("ingest", help="register and ingest every shard of an img2dataset folder")
@@ -262,11 +273,17 @@ def build_parser() -> argparse.ArgumentParser:
         "counterfactual", help="retrain without each method's top-k images and measure the queries' loss change (slow)"
     )
     _add_common(counterfactual)
-    counterfactual.add_argument("--shards", default=os.environ.get("GDA_SHARDS"), help="the shards folder the home was built on")
-    counterfactual.add_argument("--all", action="store_true", help="rerun every cell, not only those not yet materialized")
+    counterfactual.add_argument(
+        "--shards", default=os.environ.get("GDA_SHARDS"), help="the shards folder the home was built on"
+    )
+    counterfactual.add_argument(
+        "--all", action="store_true", help="rerun every cell, not only those not yet materialized"
+    )
     counterfactual.set_defaults(run=_cmd_counterfactual)
 
-    audit = commands.add_parser("audit", help="who was credited: answers by image or prompt, sources over a period, versions served")
+    audit = commands.add_parser(
+        "audit", help="who was credited: answers by image or prompt, sources over a period, versions served"
+    )
     _add_common(audit)
     audit.add_argument("--format", choices=("table", "csv", "json"), default="table")
     questions = audit.add_subparsers(dest="question", required=True)
@@ -282,8 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="the latest mAP, counterfactual and latency figures as markdown")
     _add_common(report)
-    report.add_argument("--latency", default=str(Path(__file__).resolve().parents[1] / "bench" / "results" / "latency.json"),
-                        help="latency benchmark JSON (default: the committed bench/results/latency.json)")
+    report.add_argument(
+        "--latency",
+        default=str(Path(__file__).resolve().parents[1] / "bench" / "results" / "latency.json"),
+        help="latency benchmark JSON (default: the committed bench/results/latency.json)",
+    )
     report.add_argument("--out", help="write the markdown to this file instead of printing it")
     report.add_argument("--readme", help="replace the report block of this README with it")
     report.set_defaults(run=_cmd_report)
@@ -303,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     query.set_defaults(run=_cmd_query)
 
     serve = commands.add_parser(
-        "serve", help="serve attribution queries over HTTP (explorer page at /, OpenAPI docs at /docs)",
+        "serve",
+        help="serve attribution queries over HTTP (explorer page at /, OpenAPI docs at /docs)",
         epilog="Set GDA_API_TOKEN to require it as a bearer token (Authorization: Bearer TOKEN) on every API call.",
     )
     _add_common(serve)
@@ -327,7 +348,8 @@ def _one_line(error: Exception) -> str:
     if not isinstance(error, ValidationError):
         return str(error)
     problems = "; ".join(
-        f"{'.'.join(map(str, problem['loc'])) or 'settings'}: {problem['msg']} (got {problem['input']!r})" for problem in error.errors()
+        f"{'.'.join(map(str, problem['loc'])) or 'settings'}: {problem['msg']} (got {problem['input']!r})"
+        for problem in error.errors()
     )
     return f"invalid {error.title} settings: {problems}"
 

@@ -21,7 +21,15 @@ import numpy as np
 import polars as pl
 import torch
 
-from gda.diffusion import DiffusionBundle, ScratchModelConfig, TrainResult, build_from_scratch, evaluate_loss, sample, train
+from gda.diffusion import (
+    DiffusionBundle,
+    ScratchModelConfig,
+    TrainResult,
+    build_from_scratch,
+    evaluate_loss,
+    sample,
+    train,
+)
 from gda.diffusion.sample import decode
 from gda.retrieval_metrics import mean_and_standard_error
 
@@ -99,7 +107,9 @@ class TrainingSet:
             raise ValueError(f"{missing.size} ids to remove are not in the training set, e.g. {int(missing[0])}")
         keep = ~np.isin(self.ids, removed)
         rows = torch.from_numpy(np.flatnonzero(keep))
-        return TrainingSet(self.ids[keep], self.images[rows], [c for c, k in zip(self.captions, keep, strict=True) if k])
+        return TrainingSet(
+            self.ids[keep], self.images[rows], [c for c, k in zip(self.captions, keep, strict=True) if k]
+        )
 
 
 def retrain(
@@ -122,7 +132,13 @@ class Query:
 def query_loss(bundle: DiffusionBundle, query: Query, n_draws: int, seed: int, snr_gamma: float | None) -> float:
     """L(ẑ, θ) averaged over draws 0..n_draws-1 of (seed, query id): the same draws for every model."""
     losses = evaluate_loss(
-        bundle, query.sample[None], query.prompt_states[None], [query.query_id], range(n_draws), seed, snr_gamma=snr_gamma
+        bundle,
+        query.sample[None],
+        query.prompt_states[None],
+        [query.query_id],
+        range(n_draws),
+        seed,
+        snr_gamma=snr_gamma,
     )
     return float(losses[0])
 
@@ -137,7 +153,9 @@ def regeneration_mse(bundle: DiffusionBundle, query: Query, sampling: Mapping[st
 def summary(rows: pl.DataFrame) -> pl.DataFrame:
     """Per (method, k): queries, ΔL and pixel MSE mean ± standard error, and ΔL minus random's ΔL on the
     same queries (paired, so the spread between queries cancels), where random ran on them."""
-    random = rows.filter(pl.col("method") == "random").select("k", "query_id", pl.col("delta_loss").alias("random_delta"))
+    random = rows.filter(pl.col("method") == "random").select(
+        "k", "query_id", pl.col("delta_loss").alias("random_delta")
+    )
     paired = rows.join(random, on=["k", "query_id"], how="left")
     out = []
     for (method, k), group in paired.group_by("method", "k", maintain_order=True):
@@ -145,10 +163,19 @@ def summary(rows: pl.DataFrame) -> pl.DataFrame:
         mse, mse_se = mean_and_standard_error(group["pixel_mse"].to_numpy())
         differences = (group["delta_loss"] - group["random_delta"]).drop_nulls().to_numpy()
         gain, gain_se = mean_and_standard_error(differences) if differences.size else (math.nan, math.nan)
-        out.append({
-            "method": method, "k": k, "n_queries": group.height, "delta_loss": delta, "delta_loss_se": delta_se,
-            "over_random": gain, "over_random_se": gain_se, "pixel_mse": mse, "pixel_mse_se": mse_se,
-        })
+        out.append(
+            {
+                "method": method,
+                "k": k,
+                "n_queries": group.height,
+                "delta_loss": delta,
+                "delta_loss_se": delta_se,
+                "over_random": gain,
+                "over_random_se": gain_se,
+                "pixel_mse": mse,
+                "pixel_mse_se": mse_se,
+            }
+        )
     order = {m: i for i, m in enumerate(METHODS)}
     return pl.DataFrame(out).sort(pl.col("k"), pl.col("method").replace_strict(order, default=len(order)))
 
@@ -160,7 +187,9 @@ def markdown_table(table: pl.DataFrame) -> str:
         "|---|---|---|---|---|---|",
     ]
     for row in table.iter_rows(named=True):
-        cells = [_with_error(row[name] * 1e3, row[name + "_se"] * 1e3) for name in ("delta_loss", "over_random", "pixel_mse")]
+        cells = [
+            _with_error(row[name] * 1e3, row[name + "_se"] * 1e3) for name in ("delta_loss", "over_random", "pixel_mse")
+        ]
         lines.append(f"| {row['method']} | {row['k']} | {row['n_queries']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -347,7 +347,7 @@ def _count(total: torch.Tensor | None, value: int) -> torch.Tensor:
 
 def eigendecompose(factors: EkfacFactors) -> EkfacFactors:
     """Eigenbases of the normalised, symmetrised A and G with float64 `eigh` (as kronfluence does)."""
-    for name, mf in factors.modules.items():
+    for mf in factors.modules.values():
         for prefix, mean in (("activation", mf.activation_covariance_mean), ("gradient", mf.gradient_covariance_mean)):
             matrix = mean()
             values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)

@@ -184,16 +184,16 @@ def teacher_and_embedder_rankings(
     return teacher, student
 
 
-def _loss(
-    embedder: Embedder, queries: torch.Tensor, train: torch.Tensor, rows: PairRows, batch_size: int
-) -> float:
+def _loss(embedder: Embedder, queries: torch.Tensor, train: torch.Tensor, rows: PairRows, batch_size: int) -> float:
     total = 0.0
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             q = torch.from_numpy(rows.query_rows[start : start + batch_size]).to(queries.device)
             z = torch.from_numpy(rows.train_rows[start : start + batch_size]).to(queries.device)
             y = torch.from_numpy(rows.labels[start : start + batch_size]).to(queries.device)
-            total += float(F.binary_cross_entropy_with_logits(embedder.pair_logits(queries, train, q, z), y, reduction="sum"))
+            total += float(
+                F.binary_cross_entropy_with_logits(embedder.pair_logits(queries, train, q, z), y, reduction="sum")
+            )
     return total / len(rows)
 
 
@@ -201,7 +201,9 @@ def _validate(
     embedder: Embedder, validation: Validation, train_features: np.ndarray, train: torch.Tensor, batch_size: int
 ) -> dict[str, float | None]:
     queries = torch.as_tensor(validation.query_features, dtype=torch.float32, device=train.device)
-    teacher, student = teacher_and_embedder_rankings(embedder, validation.query_features, train_features, validation.pairs)
+    teacher, student = teacher_and_embedder_rankings(
+        embedder, validation.query_features, train_features, validation.pairs
+    )
     result = map_at(teacher, student, validation.L)
     return {
         "val_loss": _loss(embedder, queries, train, validation.pairs, batch_size),

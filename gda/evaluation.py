@@ -72,8 +72,18 @@ def rank_table(
     for method, ranking in rankings.items():
         for level in levels:
             result = map_at(teacher, ranking, level)
-            rows.append({"method": method, "L": level, "map": result.mean, "se": result.standard_error, "n_queries": result.n_queries})
-    return pl.DataFrame(rows, schema={"method": pl.String, "L": pl.Int32, "map": pl.Float64, "se": pl.Float64, "n_queries": pl.Int32})
+            rows.append(
+                {
+                    "method": method,
+                    "L": level,
+                    "map": result.mean,
+                    "se": result.standard_error,
+                    "n_queries": result.n_queries,
+                }
+            )
+    return pl.DataFrame(
+        rows, schema={"method": pl.String, "L": pl.Int32, "map": pl.Float64, "se": pl.Float64, "n_queries": pl.Int32}
+    )
 
 
 def levels_for(n_train: int, fractions: Sequence[float]) -> list[int]:

@@ -41,7 +41,7 @@ class Home:
     root: Path
 
     @classmethod
-    def resolve(cls, root: str | os.PathLike[str] | None = None) -> "Home":
+    def resolve(cls, root: str | os.PathLike[str] | None = None) -> Home:
         """The home from an explicit path, else ``GDA_HOME``, else ``./.gda``; always absolute."""
         chosen = root if root is not None else os.environ.get("GDA_HOME", DEFAULT_HOME)
         return cls(Path(chosen).expanduser().resolve())
@@ -62,7 +62,7 @@ class Home:
     def dagster_home(self) -> Path:
         return self.root / "dagster"
 
-    def ensure(self) -> "Home":
+    def ensure(self) -> Home:
         """Create the layout and the instance config; existing files are left as the user edited them."""
         for path in (self.root, self.artifacts, self.shards, self.dagster_home):
             path.mkdir(parents=True, exist_ok=True)

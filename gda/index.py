@@ -81,7 +81,9 @@ def empty(dim: int, rows: int, sample: np.ndarray, settings: SearchSettings = Se
     # faiss wants at least 39 training rows a list; fewer lists rather than a poorly trained quantiser.
     nlist = max(1, min(settings.nlist, len(data) // 39))
     m = settings.pq_bytes
-    made = faiss.index_factory(dim, f"IVF{nlist},Flat" if kind == "ivf" else f"OPQ{m},IVF{nlist},PQ{m}", faiss.METRIC_INNER_PRODUCT)
+    made = faiss.index_factory(
+        dim, f"IVF{nlist},Flat" if kind == "ivf" else f"OPQ{m},IVF{nlist},PQ{m}", faiss.METRIC_INNER_PRODUCT
+    )
     made.train(data)
     faiss.extract_index_ivf(made).nprobe = settings.nprobe
     return made  # IVF indexes store the ids in their lists: no id map needed

@@ -33,7 +33,9 @@ def inside(folder: Path, name: str | Path, what: str) -> Path:
     root = _repository(resolved(folder))
     target = resolved(Path(folder) / name)
     if not target.is_relative_to(root):
-        raise ModelPathError(f"{what} {str(name)!r} resolves to {target}, outside its model folder {root}; refusing to read it")
+        raise ModelPathError(
+            f"{what} {str(name)!r} resolves to {target}, outside its model folder {root}; refusing to read it"
+        )
     return target
 
 

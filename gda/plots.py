@@ -19,7 +19,9 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
-def line_plot_png(series: dict[str, Sequence[float]], title: str, xlabel: str, ylabel: str, log_y: bool = False) -> bytes:
+def line_plot_png(
+    series: dict[str, Sequence[float]], title: str, xlabel: str, ylabel: str, log_y: bool = False
+) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -77,7 +79,9 @@ def grouped_bars_png(
     figure, axes = plt.subplots(figsize=(7, 3.5))
     for position, name in enumerate(series):
         x = np.arange(len(groups)) + (position - (len(series) - 1) / 2) * width
-        axes.bar(x, [values[g][name] for g in groups], width, yerr=[errors[g][name] for g in groups], label=name, capsize=2)
+        axes.bar(
+            x, [values[g][name] for g in groups], width, yerr=[errors[g][name] for g in groups], label=name, capsize=2
+        )
     axes.set_xticks(np.arange(len(groups)), groups)
     axes.set(title=title, ylabel=ylabel)
     axes.legend(fontsize=7, ncols=3)

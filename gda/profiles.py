@@ -39,7 +39,12 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "teacher": {"k_candidates": 60, "n_negatives": 20, "relative_step": 1e-2},
         "student": {"widths": [32, 32, 16], "top_k": 60, "batch_size": 256, "epochs": 3},
         # Two test queries in one group: four cells (one per method), each retraining twice.
-        "evaluation": {"counterfactual_k": [5], "counterfactual_queries": 2, "counterfactual_group_size": 2, "loss_draws": 32},
+        "evaluation": {
+            "counterfactual_k": [5],
+            "counterfactual_queries": 2,
+            "counterfactual_group_size": 2,
+            "loss_draws": 32,
+        },
     },
     "demo": {
         "demo_corpus_source": {"n_images": 3000, "n_shards": 6, "resolution": 16, "seed": 0, "n_heldout_prompts": 600},
@@ -51,7 +56,11 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         # guided samples from washing it out; 10 DDIM steps beat 25 and 50.
         "diffusion": {
             "shipped_checkpoint": str(DEMO_CHECKPOINT),
-            "model": {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"},
+            "model": {
+                "prediction_type": "v_prediction",
+                "rescale_betas_zero_snr": True,
+                "timestep_spacing": "trailing",
+            },
             "training": {"steps": 1200, "batch_size": 64, "lr": 1e-3},
             "sampling": {"steps": 10, "guidance_scale": 2.0, "guidance_rescale": 0.7},
         },
@@ -60,7 +69,11 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         # pass over the corpus, the slowest teacher step on a laptop; 48 query draws and 50 candidates for
         # the agreement checks keep the whole demo within 15 minutes on 2 cores.
         "teacher": {
-            "k_candidates": 300, "n_negatives": 100, "scoring_timesteps": 10, "query_draws": 48, "agreement_candidates": 50,
+            "k_candidates": 300,
+            "n_negatives": 100,
+            "scoring_timesteps": 10,
+            "query_draws": 48,
+            "agreement_candidates": 50,
         },
         # The prototype's student on these features (1664-d): narrower than the paper's 768s, which serve
         # 1280-d DINO + CLIP features on 118k images.
@@ -74,19 +87,31 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "sd": {
         "demo_corpus_source": {"n_images": 3000, "n_shards": 6, "resolution": 64, "seed": 0, "n_heldout_prompts": 600},
         "encoders": {
-            "image_backend": "hf", "image_model": "$GDA_DINO_MODEL", "text_backend": "hf", "text_model": "$GDA_CLIP_TEXT_MODEL",
+            "image_backend": "hf",
+            "image_model": "$GDA_DINO_MODEL",
+            "text_backend": "hf",
+            "text_model": "$GDA_CLIP_TEXT_MODEL",
             "batch_size": 256,
         },
         # Half precision where only a forward pass is taken (frozen encoders, sampling queries); the loss,
         # its gradients and the EK-FAC factors stay float32, their eigendecompositions float64.
         "compute": {"device": "cuda", "dtype": "float16"},
-        "diffusion": {"kind": "pretrained", "pretrained_path": "$GDA_SD_MODEL", "sampling": {"steps": 50, "guidance_scale": 7.5}},
+        "diffusion": {
+            "kind": "pretrained",
+            "pretrained_path": "$GDA_SD_MODEL",
+            "sampling": {"steps": 50, "guidance_scale": 7.5},
+        },
         # One query batch is one GPU step: 10 queries x 100k candidates x 2 x 20 draws is ~4e7 UNet rows.
         "query_plan": {"n_train": 1010, "n_val": 50, "n_test": 100, "batch_size": 10},
         # AbU+ as the paper ran it: the finite step on each query's 100k DINO candidates.
         "teacher": {
-            "k_candidates": 100_000, "n_negatives": 10_000, "mode": "finite", "full_ranking_splits": [],
-            "scoring_timesteps": 20, "query_draws": 64, "batch_size": 64,
+            "k_candidates": 100_000,
+            "n_negatives": 10_000,
+            "mode": "finite",
+            "full_ranking_splits": [],
+            "scoring_timesteps": 20,
+            "query_draws": 64,
+            "batch_size": 64,
         },
         "student": {"widths": [768, 768, 768, 768], "top_k": 100_000, "batch_size": 4096, "epochs": 10},
         # IVF-PQ from 20M images; 65,536 lists is about 3 sqrt(n) at 413M. nprobe 32: recall@10 stops rising

@@ -71,7 +71,10 @@ def heldout_candidates(heldout: pl.DataFrame) -> pl.DataFrame:
     """Candidates from the demo corpus's held-out prompts: every column but the prompt goes into extra."""
     attributes = [c for c in heldout.columns if c not in ("prompt", "prompt_id")]
     return heldout.select(
-        "prompt", pl.struct(attributes).map_elements(lambda s: json.dumps(s, sort_keys=True), return_dtype=pl.String).alias("extra")
+        "prompt",
+        pl.struct(attributes)
+        .map_elements(lambda s: json.dumps(s, sort_keys=True), return_dtype=pl.String)
+        .alias("extra"),
     )
 
 
@@ -84,7 +87,9 @@ def prompt_file_candidates(path: Path) -> pl.DataFrame:
         prompts = frame["prompt"].to_list()
     else:
         prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return pl.DataFrame({"prompt": prompts, "extra": [None] * len(prompts)}, schema={"prompt": pl.String, "extra": pl.String})
+    return pl.DataFrame(
+        {"prompt": prompts, "extra": [None] * len(prompts)}, schema={"prompt": pl.String, "extra": pl.String}
+    )
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -104,7 +109,11 @@ def save_generated(path: Path, batch: GeneratedBatch) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(
-        {"query_ids": batch.query_ids.contiguous(), "samples": batch.samples.contiguous(), "prompt_states": batch.prompt_states.contiguous()},
+        {
+            "query_ids": batch.query_ids.contiguous(),
+            "samples": batch.samples.contiguous(),
+            "prompt_states": batch.prompt_states.contiguous(),
+        },
         str(tmp),
     )
     tmp.replace(path)

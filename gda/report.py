@@ -60,29 +60,33 @@ def counterfactual_section(rows: pl.DataFrame) -> str:
 def latency_section(latency: dict[str, Any] | None) -> str:
     if latency is None:
         return "Not measured yet: run `gda bench latency --json bench/results/latency.json`."
-    return "\n".join([
-        "| per query (p50) | value |",
-        "|---|---|",
-        f"| (a) distilled, end to end | {latency['distilled']['p50_ms']:.1f} ms |",
-        f"| (b) raw image features, end to end | {latency['raw_image']['p50_ms']:.1f} ms |",
-        f"| (a) / (b) | {latency['ratio_distilled_over_raw']:.2f} |",
-        f"| AbU+ finite / (a) | {latency['ratio_teacher_over_distilled']:.0f}x |",
-        f"| AbU+ first order / (a) | {latency['ratio_first_order_teacher_over_distilled']:.0f}x |",
-    ])
+    return "\n".join(
+        [
+            "| per query (p50) | value |",
+            "|---|---|",
+            f"| (a) distilled, end to end | {latency['distilled']['p50_ms']:.1f} ms |",
+            f"| (b) raw image features, end to end | {latency['raw_image']['p50_ms']:.1f} ms |",
+            f"| (a) / (b) | {latency['ratio_distilled_over_raw']:.2f} |",
+            f"| AbU+ finite / (a) | {latency['ratio_teacher_over_distilled']:.0f}x |",
+            f"| AbU+ first order / (a) | {latency['ratio_first_order_teacher_over_distilled']:.0f}x |",
+        ]
+    )
 
 
 def render(database: Path, latency_json: Path | None) -> str:
     """The whole report: mAP table, counterfactual table, latency ratios."""
     latency = json.loads(latency_json.read_text()) if latency_json and latency_json.exists() else None
     measured_on = f" ({latency_json.name}, {latency['threads']} threads)" if latency else ""
-    return "\n\n".join([
-        "### Attribution quality: mAP(L)",
-        rank_section(_table(database, "eval_rank")),
-        "### Counterfactual: what removing each method's top k costs the query",
-        counterfactual_section(_table(database, "eval_counterfactual")),
-        f"### Latency{measured_on}",
-        latency_section(latency),
-    ])
+    return "\n\n".join(
+        [
+            "### Attribution quality: mAP(L)",
+            rank_section(_table(database, "eval_rank")),
+            "### Counterfactual: what removing each method's top k costs the query",
+            counterfactual_section(_table(database, "eval_counterfactual")),
+            f"### Latency{measured_on}",
+            latency_section(latency),
+        ]
+    )
 
 
 def embed(readme: str, report: str) -> str:

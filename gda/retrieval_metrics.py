@@ -49,9 +49,7 @@ def random_average_precision(n_items: int, n_positives: int) -> float:
     return (harmonic + (n_positives - 1) * (n_items - harmonic) / (n_items - 1)) / n_items
 
 
-def map_at(
-    teacher_rankings: Mapping[int, np.ndarray], method_rankings: Mapping[int, np.ndarray], L: int
-) -> MapResult:
+def map_at(teacher_rankings: Mapping[int, np.ndarray], method_rankings: Mapping[int, np.ndarray], L: int) -> MapResult:
     """mAP(L) over the teacher's queries: positives are the teacher's top L; AP over the method's full ranking.
 
     Each ranking is a query's train ids, best first; the method must rank exactly the teacher's set.

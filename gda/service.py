@@ -150,7 +150,8 @@ class AttributionEngine:
         if (config.image_dim, config.input_dim - config.image_dim) != (image_encoder.dim, text_encoder.dim):
             raise ValueError(
                 f"the embedder takes {config.image_dim} image + {config.input_dim - config.image_dim} text features, "
-                f"but the encoders give {image_encoder.dim} ({image_encoder.name}) + {text_encoder.dim} ({text_encoder.name}): "
+                f"but the encoders give {image_encoder.dim} ({image_encoder.name}) + {text_encoder.dim} "
+                f"({text_encoder.name}): "
                 "open the engine with the profile the embedder was trained with"
             )
         missing = [name for name in METADATA_COLUMNS if name not in metadata.columns]
@@ -224,7 +225,9 @@ class AttributionEngine:
             image_features, image_ms = _timed(self.image_encoder.encode, [picture])
             text_features, text_ms = text_job.result()
             features_ms = (time.perf_counter() - features_started) * 1000
-            query, embed_ms = _timed(self.embedder.embed_queries, np.concatenate([image_features, text_features], axis=1))
+            query, embed_ms = _timed(
+                self.embedder.embed_queries, np.concatenate([image_features, text_features], axis=1)
+            )
         (ids, scores), search_ms = _timed(search, self.index, query, top_k)
         found = ids[0] >= 0  # an IVF index may find fewer than top_k
         results = self.matches(ids[0][found], scores[0][found])
@@ -271,7 +274,9 @@ class AttributionEngine:
         path = self.shards / f"{row['shard']}.tar"
         found = dict(iter_image_bytes(path, [row["key"]]))
         if row["key"] not in found:
-            raise FileNotFoundError(f"{path} is missing or no longer holds sample {row['key']}: re-ingest shard {row['shard']}")
+            raise FileNotFoundError(
+                f"{path} is missing or no longer holds sample {row['key']}: re-ingest shard {row['shard']}"
+            )
         return {**row, "media_type": f"image/{row['image_format'].lower()}"}, found[row["key"]]
 
     def query_image(self, query_id: int) -> bytes:
@@ -293,7 +298,9 @@ def read_metadata(database: Path) -> pl.DataFrame:
         with connect(database, read_only=True, wait_s=_METADATA_LOCK_WAIT_S) as con:
             return con.execute(named_query("serving_metadata")).pl()
     except duckdb.CatalogException as error:
-        raise FileNotFoundError(f"{database} has no training_images table: materialize training_images first") from error
+        raise FileNotFoundError(
+            f"{database} has no training_images table: materialize training_images first"
+        ) from error
 
 
 def read_test_queries(home: Home) -> list[GeneratedQuery]:
@@ -301,7 +308,10 @@ def read_test_queries(home: Home) -> list[GeneratedQuery]:
     with connect(home.duckdb_path, read_only=True, wait_s=_METADATA_LOCK_WAIT_S) as con:
         rows = con.execute(named_query("test_queries")).pl().select("query_id", "prompt", "image_path")
     # image_path is under the artifact root; the asset stores it absolute, which the join keeps as is.
-    return [GeneratedQuery(query_id, prompt, home.artifacts / image_path) for query_id, prompt, image_path in rows.iter_rows()]
+    return [
+        GeneratedQuery(query_id, prompt, home.artifacts / image_path)
+        for query_id, prompt, image_path in rows.iter_rows()
+    ]
 
 
 def open_engine(
@@ -320,7 +330,11 @@ def open_engine(
     """
     embedder_folder = home.artifacts / EMBEDDER_FOLDER
     index_path = home.artifacts / INDEX_FOLDER / INDEX_FILE
-    for path, asset in ((embedder_folder / CONFIG_FILE, EMBEDDER_FOLDER), (index_path, INDEX_FOLDER), (home.duckdb_path, "training_images")):
+    for path, asset in (
+        (embedder_folder / CONFIG_FILE, EMBEDDER_FOLDER),
+        (index_path, INDEX_FOLDER),
+        (home.duckdb_path, "training_images"),
+    ):
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist: materialize {asset} first")
     spec = EncoderSpec(**profile_values(profile)["encoders"], device=device)

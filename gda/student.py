@@ -19,7 +19,9 @@ from gda.embedder import Embedder, EmbedderConfig, EpochRecord, Validation, trai
 from gda.ranking import to_rows, training_pairs
 
 
-def feature_matrix(image: Mapping[str, IdArray] | IdArray, text: Mapping[str, IdArray] | IdArray) -> tuple[np.ndarray, np.ndarray]:
+def feature_matrix(
+    image: Mapping[str, IdArray] | IdArray, text: Mapping[str, IdArray] | IdArray
+) -> tuple[np.ndarray, np.ndarray]:
     """(ids, concat(image, text) rows) over every partition, in partition-key then row order; the two parts
     must hold the same ids in the same order (they are computed from the same rows)."""
     image_parts = [image] if isinstance(image, IdArray) else [image[key] for key in sorted(image)]

@@ -47,11 +47,15 @@ def _column_comments(table: str) -> dict[str, str]:
 
 @cache
 def columns(table: str) -> tuple[Column, ...]:
-    rows = _catalog().execute(
-        "SELECT column_name, data_type, is_nullable FROM duckdb_columns() WHERE table_name = ? "
-        "ORDER BY column_index",
-        [table],
-    ).fetchall()
+    rows = (
+        _catalog()
+        .execute(
+            "SELECT column_name, data_type, is_nullable FROM duckdb_columns() WHERE table_name = ? "
+            "ORDER BY column_index",
+            [table],
+        )
+        .fetchall()
+    )
     if not rows:
         raise KeyError(f"table {table!r} is not declared in sql/schema.sql")
     comments = _column_comments(table)
@@ -66,7 +70,9 @@ def partition_column(table: str) -> str | None:
 
 
 def table_names() -> list[str]:
-    return [row[0] for row in _catalog().execute("SELECT table_name FROM duckdb_tables() ORDER BY table_name").fetchall()]
+    return [
+        row[0] for row in _catalog().execute("SELECT table_name FROM duckdb_tables() ORDER BY table_name").fetchall()
+    ]
 
 
 @cache

@@ -16,7 +16,6 @@ from gda import ekfac, unlearning
 from gda.diffusion.bundle import DiffusionBundle
 from gda.diffusion.loss import scoring_timesteps
 
-
 MODES = ("first_order", "finite")
 
 
@@ -70,7 +69,9 @@ def unlearning_deltas(
     return steps
 
 
-def first_order_scores(side: unlearning.TrainingSide, steps: Sequence[unlearning.UnlearningStep], batch: QueryBatch) -> dict[int, np.ndarray]:
+def first_order_scores(
+    side: unlearning.TrainingSide, steps: Sequence[unlearning.UnlearningStep], batch: QueryBatch
+) -> dict[int, np.ndarray]:
     """τ ≈ ⟨∇L(z), Δ⟩ of each query's candidates, from the stored training-side gradients."""
     union = sorted({item for ids in batch.candidates.values() for item in ids})
     subset = unlearning.select_items(side, union)
@@ -97,7 +98,16 @@ def finite_scores(
         ids = batch.candidates[query_id]
         images, states, baseline = items(ids)
         scores = unlearning.finite_scores(
-            bundle, modules, step.delta, images, states, ids, config.seed, baseline, timesteps(config), config.batch_size
+            bundle,
+            modules,
+            step.delta,
+            images,
+            states,
+            ids,
+            config.seed,
+            baseline,
+            timesteps(config),
+            config.batch_size,
         )
         out[query_id] = scores.double().numpy()
     return out
@@ -111,7 +121,13 @@ def score_rows(scores: dict[int, np.ndarray], batch: QueryBatch) -> pl.DataFrame
         ranks = unlearning.rank_scores(torch.from_numpy(values), ids).numpy()
         frames.append(
             pl.DataFrame(
-                {"query_id": query_id, "train_id": np.asarray(ids, dtype=np.int64), "score": values, "rank": ranks.astype(np.int32), "n_candidates": len(ids)}
+                {
+                    "query_id": query_id,
+                    "train_id": np.asarray(ids, dtype=np.int64),
+                    "score": values,
+                    "rank": ranks.astype(np.int32),
+                    "n_candidates": len(ids),
+                }
             )
         )
     return pl.concat(frames)
@@ -137,7 +153,9 @@ class Teacher:
     def deltas(self, batch: QueryBatch, query_seed: int | None = None) -> list[unlearning.UnlearningStep]:
         return unlearning_deltas(self.bundle, self.modules, self.factors, batch, self.config, query_seed)
 
-    def scores(self, steps: Sequence[unlearning.UnlearningStep], batch: QueryBatch, mode: str | None = None) -> dict[int, np.ndarray]:
+    def scores(
+        self, steps: Sequence[unlearning.UnlearningStep], batch: QueryBatch, mode: str | None = None
+    ) -> dict[int, np.ndarray]:
         mode = mode or self.config.mode
         if mode == "first_order":
             return first_order_scores(self.side, steps, batch)
@@ -154,10 +172,14 @@ class Teacher:
 
 def select_queries(batch: QueryBatch, query_ids: Sequence[int]) -> QueryBatch:
     rows = [batch.query_ids.index(q) for q in query_ids]
-    return QueryBatch(list(query_ids), batch.samples[rows], batch.prompt_states[rows], {q: batch.candidates[q] for q in query_ids})
+    return QueryBatch(
+        list(query_ids), batch.samples[rows], batch.prompt_states[rows], {q: batch.candidates[q] for q in query_ids}
+    )
 
 
-def restrict(scores: dict[int, np.ndarray], batch: QueryBatch, candidates: Mapping[int, Sequence[int]]) -> dict[int, np.ndarray]:
+def restrict(
+    scores: dict[int, np.ndarray], batch: QueryBatch, candidates: Mapping[int, Sequence[int]]
+) -> dict[int, np.ndarray]:
     """Scores of ``batch`` (one array per query, in its candidate order) on the ``candidates`` subsets."""
     out = {}
     for query_id, ids in candidates.items():

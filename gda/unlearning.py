@@ -44,7 +44,7 @@ from torch import nn
 
 from gda import ekfac
 from gda.diffusion.bundle import DiffusionBundle
-from gda.diffusion.loss import model_space, draw_losses, make_draws, scoring_timesteps
+from gda.diffusion.loss import draw_losses, make_draws, model_space, scoring_timesteps
 
 DEFAULT_RELATIVE_STEP = 1e-3
 
@@ -533,7 +533,7 @@ def load_training_side(path: Path) -> TrainingSide:
         item_ids=tensors["item_ids"].tolist(),
         prompt_states=tensors["prompt_states"],
         output_grads={name: tensors[f"grad/{name}"] for name in modules},
-        inputs={name[len("input/"):]: value for name, value in tensors.items() if name.startswith("input/")},
+        inputs={name[len("input/") :]: value for name, value in tensors.items() if name.startswith("input/")},
         uses_prompt_states=json.loads(metadata["uses_prompt_states"]),
         has_bias=json.loads(metadata["has_bias"]),
         flip=json.loads(metadata["flip"]),
@@ -545,5 +545,5 @@ def stored_losses(path: Path) -> tuple[list[int], torch.Tensor, dict[str, str]]:
     """(item ids, (n, F) baseline losses, provenance) of a saved training side, without its gradients."""
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
-        provenance = {k[len("provenance/"):]: v for k, v in metadata.items() if k.startswith("provenance/")}
+        provenance = {k[len("provenance/") :]: v for k, v in metadata.items() if k.startswith("provenance/")}
         return handle.get_tensor("item_ids").tolist(), handle.get_tensor("losses"), provenance

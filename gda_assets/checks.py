@@ -5,7 +5,6 @@ Checks run inside the writing asset's step, right after its output is stored, an
 back with a read-only connection: they verify what is in DuckDB, not the frame that was meant to be.
 """
 
-
 from dataclasses import dataclass
 
 import dagster as dg
@@ -86,7 +85,8 @@ INVARIANTS: dict[str, list[Invariant]] = {
             "ranks_are_a_permutation",
             "Per query, ranks are exactly 0..n_candidates-1.",
             "SELECT count(*) FROM (SELECT count(*) AS n, min(rank) AS lo, max(rank) AS hi, count(DISTINCT rank) AS d, "
-            "max(n_candidates) AS k FROM {table} {where} GROUP BY query_id) WHERE lo <> 0 OR hi <> n - 1 OR d <> n OR k <> n",
+            "max(n_candidates) AS k FROM {table} {where} GROUP BY query_id) WHERE lo <> 0 OR hi <> n - 1 OR d "
+            "<> n OR k <> n",
         ),
     ],
     "eval_rank": [
@@ -126,7 +126,8 @@ INVARIANTS: dict[str, list[Invariant]] = {
         (
             "every_prompt_generated",
             "Every prompt of the batch has exactly one generated image.",
-            "SELECT (SELECT count(*) FROM {schema}.query_prompts {where}) - count(DISTINCT query_id) FROM {table} {where}",
+            "SELECT (SELECT count(*) FROM {schema}.query_prompts {where}) - count(DISTINCT query_id) FROM "
+            "{table} {where}",
         ),
     ],
 }
@@ -172,7 +173,10 @@ def table_check_specs(table: str, asset: str | None = None) -> list[dg.AssetChec
             "the partition holds exactly the rows written.",
         )
     ]
-    specs += [dg.AssetCheckSpec(name, asset=asset, blocking=True, description=text) for name, text, _ in INVARIANTS.get(table, [])]
+    specs += [
+        dg.AssetCheckSpec(name, asset=asset, blocking=True, description=text)
+        for name, text, _ in INVARIANTS.get(table, [])
+    ]
     specs += [dg.AssetCheckSpec(name, asset=asset, description=text) for name, text, _ in WARNINGS.get(table, [])]
     return specs
 
@@ -193,7 +197,9 @@ class Partition:
         return [self.key] * sql.count("?") if self.column else []
 
 
-def _schema_result(warehouse: Warehouse, table: str, asset: str, part: Partition, expected_rows: int) -> dg.AssetCheckResult:
+def _schema_result(
+    warehouse: Warehouse, table: str, asset: str, part: Partition, expected_rows: int
+) -> dg.AssetCheckResult:
     declared = [(c.name, c.type) for c in tables.columns(table)]
     stored = warehouse.query(
         "SELECT column_name, data_type FROM duckdb_columns() WHERE schema_name = ? AND table_name = ? "
@@ -214,7 +220,9 @@ def _schema_result(warehouse: Warehouse, table: str, asset: str, part: Partition
         sql = f"SELECT count(*) FROM {qualified} {part.where}"
         rows = warehouse.query(sql, part.params(sql)).item()
         if rows != expected_rows:
-            problems.append(f"{'partition' if part.column else 'table'} holds {rows} rows, {expected_rows} were written")
+            problems.append(
+                f"{'partition' if part.column else 'table'} holds {rows} rows, {expected_rows} were written"
+            )
     return dg.AssetCheckResult(
         check_name=SCHEMA_CHECK,
         asset_key=asset,

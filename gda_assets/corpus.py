@@ -1,6 +1,5 @@
 """Corpus assets: the embedded demo corpus, and ingestion of every shard into DuckDB."""
 
-
 from pathlib import Path
 
 import dagster as dg
@@ -10,6 +9,7 @@ from gda.corpus.shards import list_shards
 from gda_assets.checks import Partition, column_schema, table_check_results, table_check_specs
 from gda_assets.partitions import ON_NEW_SHARDS, shard_partitions
 from resources import CorpusSource, DemoCorpusSource, Warehouse
+
 
 @dg.asset(
     code_version="1",
@@ -109,7 +109,9 @@ def build_training_images(embedded: bool) -> dg.AssetsDefinition:
         if result.read_error:
             accepted["read_error"] = result.read_error
         yield dg.Output(result.accepted, output_name="training_images", metadata=accepted)
-        yield dg.Output(result.rejected, output_name="rejected_images", metadata={"dagster/row_count": result.rejected.height})
+        yield dg.Output(
+            result.rejected, output_name="rejected_images", metadata={"dagster/row_count": result.rejected.height}
+        )
         for table, frame in (("training_images", result.accepted), ("rejected_images", result.rejected)):
             yield from table_check_results(warehouse, table, frame.height, Partition("shard", shard))
         yield _parquet_check(result)
@@ -130,4 +132,3 @@ def shard_sensor(context: dg.SensorEvaluationContext, corpus: CorpusSource) -> d
     if new:
         context.log.info(f"registering new shards {', '.join(new)}")
     return dg.SensorResult(dynamic_partitions_requests=[shard_partitions.build_add_request(new)] if new else [])
-

@@ -102,9 +102,7 @@ def _key_values(text: str) -> dict[str, str]:
 def gpu_op_names(assets: Iterable[Any]) -> list[str]:
     """The ops of every asset in the ``gpu`` pool: the steps that get a GPU."""
     return sorted(
-        a.op.name
-        for a in assets
-        if isinstance(a, dg.AssetsDefinition) and a.is_executable and a.op.pool == "gpu"
+        a.op.name for a in assets if isinstance(a, dg.AssetsDefinition) and a.is_executable and a.op.pool == "gpu"
     )
 
 
@@ -154,9 +152,7 @@ def k8s_executor(
     cpu_memory = {"cpu": settings.cpu_request, "memory": settings.memory_request}
     gpus = str(settings.gpus_per_step)
     gpu_step: dict[str, Any] = {
-        "container_config": {
-            "resources": {"requests": {"nvidia.com/gpu": gpus}, "limits": {"nvidia.com/gpu": gpus}}
-        },
+        "container_config": {"resources": {"requests": {"nvidia.com/gpu": gpus}, "limits": {"nvidia.com/gpu": gpus}}},
         "pod_spec_config": {"tolerations": [dict(t) for t in settings.gpu_tolerations]},
     }
     if settings.gpu_node_selector:

@@ -24,7 +24,9 @@ def _teacher_rankings(warehouse: Warehouse) -> dict[int, np.ndarray]:
     return {q: g["train_id"].to_numpy() for (q,), g in stored.group_by("query_id", maintain_order=True)}
 
 
-def _reseeded_rankings(context, compute, corpus, warehouse, artifacts, teacher, teacher_rankings) -> dict[int, np.ndarray]:
+def _reseeded_rankings(
+    context, compute, corpus, warehouse, artifacts, teacher, teacher_rankings
+) -> dict[int, np.ndarray]:
     """The teacher's rankings of the same sets with other query draws: the ceiling for any student."""
     import torch
 
@@ -42,7 +44,9 @@ def _reseeded_rankings(context, compute, corpus, warehouse, artifacts, teacher, 
         ids = [q for q in generated.query_ids.tolist() if q in teacher_rankings]
         sets = {q: sorted(teacher_rankings[q].tolist()) for q in ids}
         every = science.QueryBatch(
-            generated.query_ids.tolist(), generated.samples, generated.prompt_states,
+            generated.query_ids.tolist(),
+            generated.samples,
+            generated.prompt_states,
             {q: sets.get(q, []) for q in generated.query_ids.tolist()},
         )
         batch = science.select_queries(every, ids)
@@ -68,13 +72,17 @@ def _gallery(warehouse, corpus, artifacts, teacher_rankings, distilled, queries:
             rows = training_rows(warehouse, ids)
             pictures = {}
             for (shard,), group in rows.group_by("shard"):
-                pictures |= dict(zip(group["id"], load_images(corpus.shard_path(shard), group["key"].to_list()), strict=True))
+                pictures |= dict(
+                    zip(group["id"], load_images(corpus.shard_path(shard), group["key"].to_list()), strict=True)
+                )
             images.append(generated)
             labels.append(f"query {query_id}: {prompt}")
             for rank, (train_id, captions) in enumerate(zip(rows["id"], rows["captions"], strict=True), start=1):
                 images.append(np.asarray(pictures[train_id].convert("RGB")))
                 labels.append(f"{name} #{rank}: {captions[0]}")
-    return plots.image_grid_png(images, labels, columns=top_k + 1, title="top attributions: teacher (AbU+) vs distilled")
+    return plots.image_grid_png(
+        images, labels, columns=top_k + 1, title="top attributions: teacher (AbU+) vs distilled"
+    )
 
 
 @dg.asset(
@@ -117,13 +125,19 @@ def rank_eval(
     rankings = {"random": science.random_rankings(list(teacher_rankings), train_ids, evaluation.seed)}
     for method, (queries, train) in science.method_vectors(embedder, query_features, train_features).items():
         rankings[method] = science.cosine_rankings(queries, train, rows, train_ids)
-    rankings["teacher_reseeded"] = _reseeded_rankings(context, compute, corpus, warehouse, artifacts, teacher, teacher_rankings)
+    rankings["teacher_reseeded"] = _reseeded_rankings(
+        context, compute, corpus, warehouse, artifacts, teacher, teacher_rankings
+    )
     rankings = {method: science.restrict(ranking, teacher_rankings) for method, ranking in rankings.items()}
     levels = science.levels_for(len(train_ids), evaluation.l_fractions)
-    table = science.rank_table(teacher_rankings, rankings, levels).with_columns(embedder_version=pl.lit(embedder.version))
+    table = science.rank_table(teacher_rankings, rankings, levels).with_columns(
+        embedder_version=pl.lit(embedder.version)
+    )
     frame = tables.conform("eval_rank", table)
 
-    chart = plots.grouped_bars_png(science.by_level(table, "map"), science.by_level(table, "se"), "mAP(L) against the teacher", "mAP")
+    chart = plots.grouped_bars_png(
+        science.by_level(table, "map"), science.by_level(table, "se"), "mAP(L) against the teacher", "mAP"
+    )
     shown = warehouse.named("test_queries").select("query_id", "prompt", "image_path").head(evaluation.gallery_queries)
     middle = levels[len(levels) // 2]
     distilled = table.filter((pl.col("method") == "distilled") & (pl.col("L") == middle))["map"][0]
@@ -135,7 +149,15 @@ def rank_eval(
             "table": dg.MetadataValue.md(science.markdown_table(table)),
             "chart": png_markdown(chart, "mAP(L)"),
             "gallery": png_markdown(
-                _gallery(warehouse, corpus, artifacts, teacher_rankings, rankings["distilled"], shown, evaluation.gallery_top_k),
+                _gallery(
+                    warehouse,
+                    corpus,
+                    artifacts,
+                    teacher_rankings,
+                    rankings["distilled"],
+                    shown,
+                    evaluation.gallery_top_k,
+                ),
                 "galleries",
             ),
             f"distilled_over_concat_raw_at_{middle}": distilled / raw if raw > 0 else float("nan"),
@@ -177,7 +199,9 @@ def _queries(artifacts: Artifacts, tests: pl.DataFrame):
         position = {q: i for i, q in enumerate(generated.query_ids.tolist())}
         for row in group.iter_rows(named=True):
             i = position[row["query_id"]]
-            out.append(Query(row["query_id"], row["prompt"], row["seed"], generated.samples[i], generated.prompt_states[i]))
+            out.append(
+                Query(row["query_id"], row["prompt"], row["seed"], generated.samples[i], generated.prompt_states[i])
+            )
     return out
 
 
@@ -242,50 +266,83 @@ def build_counterfactual_eval(evaluation: EvaluationSettings) -> dg.AssetsDefini
                 "run it on a profile whose diffusion.kind is scratch"
             )
         rows = warehouse.named("corpus_for_training")
-        if corpus_fingerprint(rows["id"].to_list(), rows["sha256"].to_list(), rows["captions"].to_list()) != card.corpus_fingerprint:
-            raise dg.Failure("the training images changed since the model was trained; re-materialize diffusion_model first")
+        if (
+            corpus_fingerprint(rows["id"].to_list(), rows["sha256"].to_list(), rows["captions"].to_list())
+            != card.corpus_fingerprint
+        ):
+            raise dg.Failure(
+                "the training images changed since the model was trained; re-materialize diffusion_model first"
+            )
         teacher_rankings = _teacher_rankings(warehouse)
         tests = warehouse.named("test_queries").filter(pl.col("query_id").is_in(list(teacher_rankings)))
         query_ids = science.group_queries(
-            tests["query_id"].to_list(), evaluation.counterfactual_queries, evaluation.counterfactual_group_size, cell.group
+            tests["query_id"].to_list(),
+            evaluation.counterfactual_queries,
+            evaluation.counterfactual_group_size,
+            cell.group,
         )
         tests = tests.filter(pl.col("query_id").is_in(query_ids))
         features = {
-            "image_features": image_features, "text_features": text_features,
-            "query_image_features": query_image_features, "query_text_features": query_text_features,
+            "image_features": image_features,
+            "text_features": text_features,
+            "query_image_features": query_image_features,
+            "query_text_features": query_text_features,
         }
-        rankings, embedder_version = _removal_rankings(cell.method, query_ids, teacher_rankings, evaluation, artifacts, features)
+        rankings, embedder_version = _removal_rankings(
+            cell.method, query_ids, teacher_rankings, evaluation, artifacts, features
+        )
         config = ScratchModelConfig(**card.model_config)
         data = science.TrainingSet(
-            rows["id"].to_numpy(), load_corpus_images(rows, corpus.shard_path, config.sample_size), rows["captions"].to_list()
+            rows["id"].to_numpy(),
+            load_corpus_images(rows, corpus.shard_path, config.sample_size),
+            rows["captions"].to_list(),
         )
         original, _ = load_bundle(artifacts, compute.device)
-        sampling = {row["query_id"]: row for row in tests.select("query_id", "steps", "guidance_scale", "guidance_rescale").iter_rows(named=True)}
+        sampling = {
+            row["query_id"]: row
+            for row in tests.select("query_id", "steps", "guidance_scale", "guidance_rescale").iter_rows(named=True)
+        }
         measured = []
         for query in _queries(artifacts, tests):
             removed = science.top_k(rankings[query.query_id], cell.k)
             retrained, result = science.retrain(config, card.training, data.without(removed), compute.device)
-            context.log.info(f"query {query.query_id}: retrained without {cell.method}'s top {cell.k} in {result.seconds:.0f} s")
-            settings = {name: sampling[query.query_id][name] for name in ("steps", "guidance_scale", "guidance_rescale")}
+            context.log.info(
+                f"query {query.query_id}: retrained without {cell.method}'s top {cell.k} in {result.seconds:.0f} s"
+            )
+            settings = {
+                name: sampling[query.query_id][name] for name in ("steps", "guidance_scale", "guidance_rescale")
+            }
             before = science.query_loss(original, query, evaluation.loss_draws, evaluation.loss_seed, card.snr_gamma)
             after = science.query_loss(retrained, query, evaluation.loss_draws, evaluation.loss_seed, card.snr_gamma)
-            measured.append({
-                "query_id": query.query_id, "removed_ids": removed.tolist(), "n_train": len(data.ids) - len(removed),
-                "loss_before": before, "loss_after": after, "delta_loss": after - before,
-                "pixel_mse": science.regeneration_mse(retrained, query, settings), "train_seconds": result.seconds,
-            })
+            measured.append(
+                {
+                    "query_id": query.query_id,
+                    "removed_ids": removed.tolist(),
+                    "n_train": len(data.ids) - len(removed),
+                    "loss_before": before,
+                    "loss_after": after,
+                    "delta_loss": after - before,
+                    "pixel_mse": science.regeneration_mse(retrained, query, settings),
+                    "train_seconds": result.seconds,
+                }
+            )
         frame = tables.conform(
             "eval_counterfactual",
             pl.DataFrame(measured).with_columns(
-                cell=pl.lit(cell.key), method=pl.lit(cell.method), k=pl.lit(cell.k),
-                model_version=pl.lit(card.version), embedder_version=pl.lit(embedder_version, dtype=pl.String),
+                cell=pl.lit(cell.key),
+                method=pl.lit(cell.method),
+                k=pl.lit(cell.k),
+                model_version=pl.lit(card.version),
+                embedder_version=pl.lit(embedder_version, dtype=pl.String),
             ),
         )
         warehouse.replace_table("eval_counterfactual", frame, ("cell", cell.key))
         so_far = science.summary(warehouse.query("SELECT * FROM eval_counterfactual"))
         chart = plots.grouped_bars_png(
-            by_level(so_far, "delta_loss", "k"), by_level(so_far, "delta_loss_se", "k"),
-            "loss increase of the query after removing each method's top k", "ΔL",
+            by_level(so_far, "delta_loss", "k"),
+            by_level(so_far, "delta_loss_se", "k"),
+            "loss increase of the query after removing each method's top k",
+            "ΔL",
         )
         yield dg.MaterializeResult(
             metadata={

@@ -1,7 +1,6 @@
 """``build_defs``: the one place that turns settings (home, profile, shards folder, overrides) into
 ``Definitions``. ``definitions.py`` calls it with the environment's settings; tests call it directly."""
 
-
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +11,8 @@ from gda.home import Home
 from gda.profiles import profile_values
 from gda_assets.corpus import build_training_images, demo_corpus, shard_sensor
 from gda_assets.deployment import LOCAL, K8sSettings, executor_for
-from gda_assets.features import image_features, text_features
 from gda_assets.evaluation import build_counterfactual_eval, rank_eval
+from gda_assets.features import image_features, text_features
 from gda_assets.jobs import (
     baseline_job,
     counterfactual_job,
@@ -49,7 +48,6 @@ from resources import (
     Warehouse,
 )
 
-
 # Who answers for every asset in the UI (an email or "team:NAME"); a deployment passes its own.
 OWNER = "team:data-attribution"
 
@@ -60,7 +58,8 @@ automation_sensor = dg.AutomationConditionSensorDefinition(
     target=dg.AssetSelection.all(),
     default_status=dg.DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=30,
-    description="Materializes a new shard's partitions and adds it to the index as soon as the shard sensor registers it.",
+    description="Materializes a new shard's partitions and adds it to the index as soon as the shard sensor "
+    "registers it.",
 )
 
 
@@ -71,7 +70,8 @@ def build_resources(home: Home, profile: str, shards: Path | None) -> dict[str, 
         "encoders": Encoders(**values["encoders"]),
         "corpus": CorpusSource(shards_dir=str(shards or home.shards)),
         "demo_corpus_source": DemoCorpusSource(
-            **values["demo_corpus_source"], heldout_prompts=str(home.artifacts / "demo_corpus" / "heldout_prompts.parquet")
+            **values["demo_corpus_source"],
+            heldout_prompts=str(home.artifacts / "demo_corpus" / "heldout_prompts.parquet"),
         ),
         "diffusion": DiffusionSource(**values["diffusion"]),
         "query_plan": QueryPlan(**values["query_plan"]),
@@ -123,8 +123,18 @@ def build_defs(
         attribution_log,
     ]
     jobs: list[Any] = [
-        shard_job, ingest_job, model_job, query_batch_job, teacher_shard_job, teacher_job, baseline_job,
-        student_job, embedding_job, index_job, evaluation_job, counterfactual_job,
+        shard_job,
+        ingest_job,
+        model_job,
+        query_batch_job,
+        teacher_shard_job,
+        teacher_job,
+        baseline_job,
+        student_job,
+        embedding_job,
+        index_job,
+        evaluation_job,
+        counterfactual_job,
     ]
     if embedded:
         assets.insert(0, demo_corpus)

@@ -1,17 +1,20 @@
 """Feature assets: frozen image and caption features of every accepted training image, one file per shard."""
 
-
 import dagster as dg
 
-from gda.arrays import IdArray
 from gda import features
+from gda.arrays import IdArray
 from gda.corpus.shards import load_images
 from gda_assets.partitions import ON_NEW_SHARDS, shard_partitions
 from resources import Compute, CorpusSource, Encoders, Warehouse
 
 
 def _feature_metadata(array: IdArray) -> dict[str, object]:
-    return {"encoder": array.metadata["encoder"], "dim": int(array.metadata["dim"]), "encoder_version": array.metadata["version"]}
+    return {
+        "encoder": array.metadata["encoder"],
+        "dim": int(array.metadata["dim"]),
+        "encoder_version": array.metadata["version"],
+    }
 
 
 @dg.asset(
@@ -51,5 +54,7 @@ def text_features(
     context: dg.AssetExecutionContext, compute: Compute, encoders: Encoders, warehouse: Warehouse
 ) -> dg.Output[IdArray]:
     rows = warehouse.named("shard_images", [context.partition_key])
-    array = features.text_features(encoders.text(compute.device, compute.dtype), rows["id"].to_list(), rows["caption"].to_list())
+    array = features.text_features(
+        encoders.text(compute.device, compute.dtype), rows["id"].to_list(), rows["caption"].to_list()
+    )
     return dg.Output(array, metadata=_feature_metadata(array))

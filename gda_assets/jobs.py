@@ -2,7 +2,6 @@
 
 import dagster as dg
 
-
 # Every asset partitioned by shard: ingest plus features, one run per shard.
 shard_job = dg.define_asset_job(
     "shard_job",

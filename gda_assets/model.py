@@ -10,11 +10,28 @@ import dagster as dg
 import polars as pl
 
 from gda import features, plots, tables
-from gda.diffusion.card import LATENT_ENCODING, ModelCard, corpus_fingerprint, read_card, weights_dir, weights_version, write_card
-from gda_assets.metadata import png_markdown
+from gda.diffusion.card import (
+    LATENT_ENCODING,
+    ModelCard,
+    corpus_fingerprint,
+    read_card,
+    weights_dir,
+    weights_version,
+    write_card,
+)
 from gda_assets.checks import Partition, column_schema, table_check_results, table_check_specs
+from gda_assets.metadata import png_markdown
 from gda_assets.partitions import query_batch_partitions
-from resources import Artifacts, Compute, CorpusSource, DemoCorpusSource, DiffusionSource, Encoders, QueryPlan, Warehouse
+from resources import (
+    Artifacts,
+    Compute,
+    CorpusSource,
+    DemoCorpusSource,
+    DiffusionSource,
+    Encoders,
+    QueryPlan,
+    Warehouse,
+)
 
 PREVIEW_PROMPTS = 16
 
@@ -81,7 +98,10 @@ def diffusion_model(
         # DiffusionSource refuses a pretrained kind without an existing folder, and resolves the path.
         path = Path(diffusion.pretrained_path)
         card = ModelCard(
-            kind="pretrained", weights=str(path), version=weights_version(path), command="registered",
+            kind="pretrained",
+            weights=str(path),
+            version=weights_version(path),
+            command="registered",
             model_config={"latents": LATENT_ENCODING},
         )
         bundle = load_pretrained(path)
@@ -100,9 +120,17 @@ def diffusion_model(
     artifacts.publish("diffusion_model", folder)
 
     bundle = bundle.to(compute.device)
-    preview = rows["captions"].list.first().gather_every(max(1, rows.height // PREVIEW_PROMPTS)).head(PREVIEW_PROMPTS).to_list()
+    preview = (
+        rows["captions"]
+        .list.first()
+        .gather_every(max(1, rows.height // PREVIEW_PROMPTS))
+        .head(PREVIEW_PROMPTS)
+        .to_list()
+    )
     result = sample(bundle, preview, list(range(len(preview))), **diffusion.sampling.model_dump())
-    grid = plots.image_grid_png(result.images.permute(0, 2, 3, 1).cpu().numpy(), preview, title="samples for training captions")
+    grid = plots.image_grid_png(
+        result.images.permute(0, 2, 3, 1).cpu().numpy(), preview, title="samples for training captions"
+    )
     metadata: dict[str, object] = {
         "kind": card.kind,
         "version": card.version,
@@ -114,7 +142,9 @@ def diffusion_model(
         "model_card": dg.MetadataValue.path(str(artifacts.path("diffusion_model") / "model_card.json")),
     }
     if card.loss_curve:
-        curve = plots.line_plot_png({"train loss": card.loss_curve}, "training loss", "logged interval", "loss", log_y=True)
+        curve = plots.line_plot_png(
+            {"train loss": card.loss_curve}, "training loss", "logged interval", "loss", log_y=True
+        )
         metadata["loss_curve"] = png_markdown(curve, "training loss")
         metadata["train_seconds"] = round(card.train_seconds or 0.0, 1)
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(card.version))
@@ -137,7 +167,10 @@ def build_query_prompts(embedded: bool) -> dg.AssetsDefinition:
         "(registered as query_batches partitions).",
     )
     def query_prompts(
-        context: dg.AssetExecutionContext, query_plan: QueryPlan, demo_corpus_source: DemoCorpusSource, warehouse: Warehouse
+        context: dg.AssetExecutionContext,
+        query_plan: QueryPlan,
+        demo_corpus_source: DemoCorpusSource,
+        warehouse: Warehouse,
     ):
         from gda.queries import QueryCounts, heldout_candidates, plan_queries, prompt_file_candidates
 
@@ -147,7 +180,9 @@ def build_query_prompts(embedded: bool) -> dg.AssetsDefinition:
         elif query_plan.prompts_file:
             candidates = prompt_file_candidates(Path(query_plan.prompts_file))
         else:
-            captions = warehouse.query("SELECT caption AS prompt, NULL::VARCHAR AS extra FROM training_images ORDER BY id")
+            captions = warehouse.query(
+                "SELECT caption AS prompt, NULL::VARCHAR AS extra FROM training_images ORDER BY id"
+            )
             context.log.warning("no prompts_file: queries regenerate training captions, so they are not held out")
             candidates = captions
         counts = QueryCounts(**query_plan.model_dump(exclude={"prompts_file"}))
@@ -179,7 +214,11 @@ def build_query_prompts(embedded: bool) -> dg.AssetsDefinition:
     "what was generated.",
 )
 def generated_queries(
-    context: dg.AssetExecutionContext, compute: Compute, artifacts: Artifacts, diffusion: DiffusionSource, warehouse: Warehouse
+    context: dg.AssetExecutionContext,
+    compute: Compute,
+    artifacts: Artifacts,
+    diffusion: DiffusionSource,
+    warehouse: Warehouse,
 ):
     import torch
 
@@ -193,7 +232,11 @@ def generated_queries(
     bundle, card = load_bundle(artifacts, compute.device)
     sampling = diffusion.sampling
     result = sample(
-        bundle, prompts["prompt"].to_list(), prompts["seed"].to_list(), **sampling.model_dump(), dtype=compute.torch_dtype()
+        bundle,
+        prompts["prompt"].to_list(),
+        prompts["seed"].to_list(),
+        **sampling.model_dump(),
+        dtype=compute.torch_dtype(),
     )
     images = to_pil(result.images)
     folder = artifacts.path("generated_queries") / batch
@@ -205,26 +248,41 @@ def generated_queries(
         path.write_bytes(data)
         rows.append({**query, "image_path": str(path), "image_sha256": hashlib.sha256(data).hexdigest()})
     query_ids = torch.tensor(prompts["query_id"].to_list(), dtype=torch.int64)
-    save_generated(folder.with_suffix(".safetensors"), GeneratedBatch(query_ids, result.samples.cpu(), result.prompt_states.cpu()))
+    save_generated(
+        folder.with_suffix(".safetensors"), GeneratedBatch(query_ids, result.samples.cpu(), result.prompt_states.cpu())
+    )
     colours = colours_of(images, prompts["extra"].to_list())
     frame = tables.conform(
         "generated_queries",
-        pl.DataFrame(rows).with_columns(
+        pl.DataFrame(rows)
+        .with_columns(
             pl.lit(batch).alias("batch"),
             pl.lit(sampling.steps).alias("steps"),
             pl.lit(sampling.guidance_scale).alias("guidance_scale"),
             pl.lit(sampling.guidance_rescale).alias("guidance_rescale"),
             pl.lit(card.version).alias("model_version"),
-        ).hstack(pl.DataFrame(colours, schema={k: pl.String for k in ("fg_expected", "bg_expected", "fg_detected", "bg_detected")})),
+        )
+        .hstack(
+            pl.DataFrame(
+                colours, schema={k: pl.String for k in ("fg_expected", "bg_expected", "fg_detected", "bg_detected")}
+            )
+        ),
     )
     metadata: dict[str, object] = {"dagster/row_count": frame.height, "model_version": card.version}
     scored = frame.filter(pl.col("fg_expected").is_not_null())
     if scored.height:
         detected = list(zip(scored["fg_detected"], scored["bg_detected"]))
         accuracy = score_colours(detected, scored["fg_expected"].to_list(), scored["bg_expected"].to_list())
-        metadata |= {"fg_accuracy": accuracy.fg, "bg_accuracy": accuracy.bg, "both_accuracy": accuracy.both, "colour_scored": accuracy.n}
+        metadata |= {
+            "fg_accuracy": accuracy.fg,
+            "bg_accuracy": accuracy.bg,
+            "both_accuracy": accuracy.both,
+            "colour_scored": accuracy.n,
+        }
     labels = [f"{q}: {p}" for q, p in zip(prompts["query_id"].to_list(), prompts["prompt"].to_list())]
-    gallery = plots.image_grid_png([image for image in result.images.permute(0, 2, 3, 1).cpu().numpy()[:32]], labels[:32])
+    gallery = plots.image_grid_png(
+        [image for image in result.images.permute(0, 2, 3, 1).cpu().numpy()[:32]], labels[:32]
+    )
     metadata["gallery"] = png_markdown(gallery, f"generated queries {batch}")
     yield dg.Output(frame, metadata=metadata)
     yield from table_check_results(warehouse, "generated_queries", frame.height, Partition("batch", batch))
@@ -233,10 +291,16 @@ def generated_queries(
 @dg.multi_asset(
     outs={
         "query_image_features": dg.AssetOut(
-            io_manager_key="array_io", kinds={"pytorch"}, code_version="1", description="Image features of the generated queries."
+            io_manager_key="array_io",
+            kinds={"pytorch"},
+            code_version="1",
+            description="Image features of the generated queries.",
         ),
         "query_text_features": dg.AssetOut(
-            io_manager_key="array_io", kinds={"pytorch"}, code_version="1", description="Text features of the query prompts."
+            io_manager_key="array_io",
+            kinds={"pytorch"},
+            code_version="1",
+            description="Text features of the query prompts.",
         ),
     },
     partitions_def=query_batch_partitions,
@@ -253,6 +317,11 @@ def query_features(context: dg.AssetExecutionContext, compute: Compute, encoders
     images = [Image.open(path) for path in queries["image_path"].to_list()]
     for name, array in (
         ("query_image_features", features.image_features(encoders.image(compute.device, compute.dtype), ids, images)),
-        ("query_text_features", features.text_features(encoders.text(compute.device, compute.dtype), ids, queries["prompt"].to_list())),
+        (
+            "query_text_features",
+            features.text_features(encoders.text(compute.device, compute.dtype), ids, queries["prompt"].to_list()),
+        ),
     ):
-        yield dg.Output(array, output_name=name, metadata={"rows": len(ids), "encoder_version": array.metadata["version"]})
+        yield dg.Output(
+            array, output_name=name, metadata={"rows": len(ids), "encoder_version": array.metadata["version"]}
+        )

@@ -59,7 +59,11 @@ def settle_dead_runs(instance: dg.DagsterInstance) -> None:
             continue
         instance.report_run_failed(run, message=f"the process running it (pid {pid}) died; settled by gda")
         instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
-        print(f"settled run {run.run_id} ({run.job_name}): its process {pid} died mid-run; marked failed, pool slots freed", file=sys.stderr)
+        print(
+            f"settled run {run.run_id} ({run.job_name}): its process {pid} died mid-run; marked failed, pool "
+            "slots freed",
+            file=sys.stderr,
+        )
 
 
 def _row_count(result: dg.ExecuteInProcessResult, asset: str) -> int:
@@ -69,7 +73,9 @@ def _row_count(result: dg.ExecuteInProcessResult, asset: str) -> int:
     return 0
 
 
-def run_shards(instance: dg.DagsterInstance, defs: dg.Definitions, job_name: str, shards: list[str]) -> list[ShardReport]:
+def run_shards(
+    instance: dg.DagsterInstance, defs: dg.Definitions, job_name: str, shards: list[str]
+) -> list[ShardReport]:
     """Register ``shards`` as partitions and run ``job_name`` once per shard; a failed shard does not stop
     the others."""
     instance.add_dynamic_partitions(shard_partitions.name, shards)
@@ -78,7 +84,9 @@ def run_shards(instance: dg.DagsterInstance, defs: dg.Definitions, job_name: str
     for shard in shards:
         result = job.execute_in_process(instance=instance, partition_key=shard, raise_on_error=False)
         reports.append(
-            ShardReport(shard, _row_count(result, "training_images"), _row_count(result, "rejected_images"), result.success)
+            ShardReport(
+                shard, _row_count(result, "training_images"), _row_count(result, "rejected_images"), result.success
+            )
         )
     return reports
 
@@ -107,7 +115,10 @@ class DemoReport:
 
 
 def demo(
-    home: Home, profile: str | None = None, shards_dir: Path | None = None, retrain: bool = False,
+    home: Home,
+    profile: str | None = None,
+    shards_dir: Path | None = None,
+    retrain: bool = False,
     overrides: dict[str, Any] | None = None,
 ) -> DemoReport:
     """The whole chain on the embedded default (or a user's shards): corpus, ingest, features, the model,
@@ -148,7 +159,9 @@ def demo(
     return DemoReport(shards=shard_reports, query_batches=batches, scored_batches=scored)
 
 
-def counterfactual(home: Home, profile: str | None = None, shards_dir: Path | None = None, every_cell: bool = False) -> dict[str, bool]:
+def counterfactual(
+    home: Home, profile: str | None = None, shards_dir: Path | None = None, every_cell: bool = False
+) -> dict[str, bool]:
     """The opt-in counterfactual evaluation on a materialized home: every cell (partition) of
     ``counterfactual_eval`` not yet materialized, or all with ``every_cell``; an interrupted run resumes."""
     instance = open_instance(home)
@@ -165,7 +178,9 @@ class AbsorbedRun:
     succeeded: bool
 
 
-def absorb_new_shards(home: Home, profile: str | None = None, shards_dir: Path | None = None, max_ticks: int = 10) -> list[AbsorbedRun]:
+def absorb_new_shards(
+    home: Home, profile: str | None = None, shards_dir: Path | None = None, max_ticks: int = 10
+) -> list[AbsorbedRun]:
     """What the daemon behind ``gda ui`` does when shards arrive, in this process: one tick of the shard
     sensor, then ticks of the assets' automation conditions, running what each tick requests (per shard
     first, then what spans every shard), until a tick requests nothing."""
@@ -190,13 +205,19 @@ def absorb_new_shards(home: Home, profile: str | None = None, shards_dir: Path |
         for partition in sorted(by_partition, key=lambda p: (p is None, p or "")):
             keys = by_partition[partition]
             job = defs.resolve_implicit_job_def_def_for_assets(keys)
-            result = job.execute_in_process(instance=instance, partition_key=partition, asset_selection=keys, raise_on_error=False)
+            result = job.execute_in_process(
+                instance=instance, partition_key=partition, asset_selection=keys, raise_on_error=False
+            )
             runs.append(AbsorbedRun(partition, [k.to_user_string() for k in keys], result.success))
             if not result.success:
                 return runs
     raise RuntimeError(f"automation still requested runs after {max_ticks} ticks; open the runs in the UI (gda ui)")
 
 
-def _run_partitions(instance: dg.DagsterInstance, defs: dg.Definitions, job_name: str, keys: list[str]) -> dict[str, bool]:
+def _run_partitions(
+    instance: dg.DagsterInstance, defs: dg.Definitions, job_name: str, keys: list[str]
+) -> dict[str, bool]:
     job = defs.resolve_job_def(job_name)
-    return {key: job.execute_in_process(instance=instance, partition_key=key, raise_on_error=False).success for key in keys}
+    return {
+        key: job.execute_in_process(instance=instance, partition_key=key, raise_on_error=False).success for key in keys
+    }

@@ -49,15 +49,23 @@ def attribution_embedder(
     queries = feature_matrix(query_image_features, query_text_features)
     image_dim = next(iter(image_features.values())).values.shape[1]
     config = EmbedderConfig(
-        input_dim=train[1].shape[1], image_dim=image_dim, **student.model_dump(
+        input_dim=train[1].shape[1],
+        image_dim=image_dim,
+        **student.model_dump(
             include={"widths", "dropout", "normalise_parts", "lr", "weight_decay", "batch_size", "epochs", "seed"}
         ),
     )
     started = time.perf_counter()
     try:
         result = distill(
-            config, warehouse.named("student_scores"), train, queries, student.top_k, student.p_negative,
-            student.per_query, student.val_fraction_l,
+            config,
+            warehouse.named("student_scores"),
+            train,
+            queries,
+            student.top_k,
+            student.p_negative,
+            student.per_query,
+            student.val_fraction_l,
         )
     except ValueError as error:
         raise dg.Failure(str(error)) from error
@@ -124,15 +132,21 @@ def training_embeddings(
     code_version="1",
     check_specs=[
         dg.AssetCheckSpec(
-            "count_matches_embeddings", asset=INDEX, blocking=True,
+            "count_matches_embeddings",
+            asset=INDEX,
+            blocking=True,
             description="The index holds exactly one vector per embedded training image, from every embedded shard.",
         )
     ],
-    description="FAISS inner-product index of every training embedding (flat; IVF, then IVF-PQ above sizes). A new shard "
+    description="FAISS inner-product index of every training embedding (flat; IVF, then IVF-PQ above sizes). A "
+    "new shard "
     "is added without a rebuild; a new embedder version, or a changed or removed shard, rebuilds it.",
 )
 def attribution_index(
-    context: dg.AssetExecutionContext, artifacts: Artifacts, index: IndexSettings, training_embeddings: dict[str, IdArray]
+    context: dg.AssetExecutionContext,
+    artifacts: Artifacts,
+    index: IndexSettings,
+    training_embeddings: dict[str, IdArray],
 ):
     from gda.attribution_index import INDEX_FILE, load_index, save_index, update_index
     from gda.embedder import load_embedder
@@ -165,7 +179,8 @@ def attribution_index(
     embedded = sum(len(array.ids) for array in training_embeddings.values())
     yield dg.AssetCheckResult(
         check_name="count_matches_embeddings",
-        passed=updated.faiss_index.ntotal == manifest.count == embedded and sorted(manifest.shards) == sorted(training_embeddings),
+        passed=updated.faiss_index.ntotal == manifest.count == embedded
+        and sorted(manifest.shards) == sorted(training_embeddings),
         metadata={"indexed": updated.faiss_index.ntotal, "embedded": embedded, "shards": len(manifest.shards)},
     )
 
@@ -184,4 +199,3 @@ attribution_log = dg.AssetSpec(
     "model, embedder and index versions that answered. Written by the query service as it answers (not "
     "materialized here); `gda audit` reads it.",
 )
-

@@ -7,11 +7,11 @@ import polars as pl
 
 from gda import tables
 from gda.arrays import IdArray
+from gda.diffusion.card import read_card, weights_version
+from gda.teacher import TeacherConfig, timesteps
 from gda_assets.checks import Partition, column_schema, table_check_results, table_check_specs
 from gda_assets.lineage import column_lineage
-from gda.diffusion.card import read_card, weights_version
 from gda_assets.model import load_bundle
-from gda.teacher import TeacherConfig, timesteps
 from gda_assets.partitions import ON_NEW_SHARDS, every_partition, query_batch_partitions, shard_partitions
 from resources import Artifacts, Compute, CorpusSource, TeacherSettings, Warehouse
 
@@ -52,9 +52,15 @@ def dino_candidates(
     frame = tables.conform("dino_candidates", frame.with_columns(batch=pl.lit(context.partition_key)))
     yield dg.Output(
         frame,
-        metadata={"dagster/row_count": frame.height, "k": teacher.k_candidates, "dagster/column_lineage": column_lineage("dino_candidates")},
+        metadata={
+            "dagster/row_count": frame.height,
+            "k": teacher.k_candidates,
+            "dagster/column_lineage": column_lineage("dino_candidates"),
+        },
     )
-    yield from table_check_results(warehouse, "dino_candidates", frame.height, Partition("batch", context.partition_key))
+    yield from table_check_results(
+        warehouse, "dino_candidates", frame.height, Partition("batch", context.partition_key)
+    )
 
 
 @dg.asset(
@@ -83,8 +89,14 @@ def ekfac_factors(
     rows = warehouse.named("corpus_for_training")
     images, states = images_and_states(bundle, corpus, rows)
     items = DiffusionItems(
-        bundle, images, states, rows["id"].to_list(), list(range(teacher.fisher_draws)), seed=teacher.seed,
-        batch_size=teacher.batch_size, snr_gamma=card.snr_gamma,
+        bundle,
+        images,
+        states,
+        rows["id"].to_list(),
+        list(range(teacher.fisher_draws)),
+        seed=teacher.seed,
+        batch_size=teacher.batch_size,
+        snr_gamma=card.snr_gamma,
     )
     started = time.perf_counter()
     factors = fit_diffusion_factors(items, teacher.modules)
@@ -132,7 +144,9 @@ def _shard_items(bundle, corpus: CorpusSource, warehouse: Warehouse, shard: str)
     return *images_and_states(bundle, corpus, rows), rows["id"].to_list()
 
 
-def _finite_items(bundle, corpus: CorpusSource, warehouse: Warehouse, artifacts: Artifacts, shards: list[str], config: TeacherConfig):
+def _finite_items(
+    bundle, corpus: CorpusSource, warehouse: Warehouse, artifacts: Artifacts, shards: list[str], config: TeacherConfig
+):
     """For the finite teacher: a function from train ids to (images, prompt states, baseline losses).
     Baselines come from the stored ``baseline_losses`` where a shard has them, else they are computed for
     just those ids (the first-order default scores a few candidates finitely only for its checks)."""
@@ -169,8 +183,12 @@ def _finite_items(bundle, corpus: CorpusSource, warehouse: Warehouse, artifacts:
     "give each image's gradient G_zᵀA_z, so scoring a query is a few matrix products.",
 )
 def training_gradients(
-    context: dg.AssetExecutionContext, compute: Compute, corpus: CorpusSource, warehouse: Warehouse,
-    artifacts: Artifacts, teacher: TeacherSettings,
+    context: dg.AssetExecutionContext,
+    compute: Compute,
+    corpus: CorpusSource,
+    warehouse: Warehouse,
+    artifacts: Artifacts,
+    teacher: TeacherSettings,
 ) -> dg.MaterializeResult:
     from gda.ekfac import select_modules
     from gda.unlearning import save_training_side, training_side
@@ -179,16 +197,29 @@ def training_gradients(
     images, states, ids = _shard_items(bundle, corpus, warehouse, context.partition_key)
     config = teacher_config(teacher)
     side = training_side(
-        bundle, select_modules(bundle.unet, teacher.modules), images, states, ids, config.seed, timesteps(config), config.batch_size
+        bundle,
+        select_modules(bundle.unet, teacher.modules),
+        images,
+        states,
+        ids,
+        config.seed,
+        timesteps(config),
+        config.batch_size,
     )
     path = artifacts.path("training_gradients") / f"{context.partition_key}.safetensors"
     save_training_side(path, side, _draw_provenance(card.version, config))
-    return dg.MaterializeResult(metadata={"items": len(ids), "model_version": card.version, "path": dg.MetadataValue.path(str(path))})
+    return dg.MaterializeResult(
+        metadata={"items": len(ids), "model_version": card.version, "path": dg.MetadataValue.path(str(path))}
+    )
 
 
 def _draw_provenance(model_version: str, config: TeacherConfig) -> dict[str, str]:
     """What fixes a training image's scoring losses: the model and the draws."""
-    return {"model_version": model_version, "seed": str(config.seed), "timesteps": ",".join(map(str, timesteps(config)))}
+    return {
+        "model_version": model_version,
+        "seed": str(config.seed),
+        "timesteps": ",".join(map(str, timesteps(config))),
+    }
 
 
 @dg.asset(
@@ -207,8 +238,12 @@ def _draw_provenance(model_version: str, config: TeacherConfig) -> dict[str, str
     "else from a forward pass of its own.",
 )
 def baseline_losses(
-    context: dg.AssetExecutionContext, compute: Compute, corpus: CorpusSource, warehouse: Warehouse,
-    artifacts: Artifacts, teacher: TeacherSettings,
+    context: dg.AssetExecutionContext,
+    compute: Compute,
+    corpus: CorpusSource,
+    warehouse: Warehouse,
+    artifacts: Artifacts,
+    teacher: TeacherSettings,
 ) -> dg.Output[IdArray]:
     import torch
 
@@ -225,10 +260,23 @@ def baseline_losses(
     else:
         bundle, _ = load_bundle(artifacts, compute.device)
         images, states, ids = _shard_items(bundle, corpus, warehouse, context.partition_key)
-        values, source = losses(bundle, images, states, ids, config.seed, timesteps(config), config.batch_size), "own forward pass"
-    array = IdArray(ids=np.asarray(ids, dtype=np.int64), values=values.to(torch.float32).numpy(), metadata={"model_version": card.version})
+        values, source = (
+            losses(bundle, images, states, ids, config.seed, timesteps(config), config.batch_size),
+            "own forward pass",
+        )
+    array = IdArray(
+        ids=np.asarray(ids, dtype=np.int64),
+        values=values.to(torch.float32).numpy(),
+        metadata={"model_version": card.version},
+    )
     return dg.Output(
-        array, metadata={"items": len(ids), "mean_loss": float(values.mean()), "model_version": card.version, "source": source}
+        array,
+        metadata={
+            "items": len(ids),
+            "mean_loss": float(values.mean()),
+            "model_version": card.version,
+            "source": source,
+        },
     )
 
 
@@ -243,7 +291,14 @@ RESEEDED_MIN_SPEARMAN = 0.5
 RESEED_OFFSET = 1_000_003
 
 
-def build_teacher(bundle, corpus: CorpusSource, warehouse: Warehouse, artifacts: Artifacts, teacher: TeacherSettings, shards: list[str]):
+def build_teacher(
+    bundle,
+    corpus: CorpusSource,
+    warehouse: Warehouse,
+    artifacts: Artifacts,
+    teacher: TeacherSettings,
+    shards: list[str],
+):
     """The AbU+ teacher over the home's model, factors and training-side data of ``shards`` (also what
     ``gda bench teacher`` measures)."""
     from gda import teacher as science
@@ -284,14 +339,24 @@ def _agreement_checks(model, batch, steps, scores, dino: dict[int, list[int]], n
     chosen = batch.query_ids[:n_queries]
     rows = [batch.query_ids.index(q) for q in chosen]
     nearest = {q: ids[:n_candidates] for q, ids in dino.items()}
-    subset = science.select_queries(science.QueryBatch(batch.query_ids, batch.samples, batch.prompt_states, nearest), chosen)
+    subset = science.select_queries(
+        science.QueryBatch(batch.query_ids, batch.samples, batch.prompt_states, nearest), chosen
+    )
     stored = science.restrict(scores, batch, subset.candidates)
     other_mode = "finite" if model.config.mode == "first_order" else "first_order"
     checks = [
-        (MODES_AGREE, MODES_AGREE_MIN_SPEARMAN, f"{model.config.mode} vs {other_mode}",
-         model.scores([steps[r] for r in rows], subset, other_mode)),
-        (RESEEDED_AGREE, RESEEDED_MIN_SPEARMAN, f"query draws seeded {model.config.seed} vs {model.config.seed + RESEED_OFFSET}",
-         model.scores(model.deltas(subset, model.config.seed + RESEED_OFFSET), subset)),
+        (
+            MODES_AGREE,
+            MODES_AGREE_MIN_SPEARMAN,
+            f"{model.config.mode} vs {other_mode}",
+            model.scores([steps[r] for r in rows], subset, other_mode),
+        ),
+        (
+            RESEEDED_AGREE,
+            RESEEDED_MIN_SPEARMAN,
+            f"query draws seeded {model.config.seed} vs {model.config.seed + RESEED_OFFSET}",
+            model.scores(model.deltas(subset, model.config.seed + RESEED_OFFSET), subset),
+        ),
     ]
     for name, threshold, compared, other in checks:
         summary = science.agreement(stored, other).summary()
@@ -301,8 +366,12 @@ def _agreement_checks(model, batch, steps, scores, dino: dict[int, list[int]], n
             passed=summary["spearman_min"] >= threshold,
             severity=dg.AssetCheckSeverity.WARN,
             description=f"{compared}: Spearman min {summary['spearman_min']:.3f} (needs >= {threshold})",
-            metadata={**summary, "compared": compared, "candidates": len(next(iter(other.values()))),
-                      "min_spearman_required": threshold},
+            metadata={
+                **summary,
+                "compared": compared,
+                "candidates": len(next(iter(other.values()))),
+                "min_spearman_required": threshold,
+            },
         )
 
 
@@ -340,8 +409,12 @@ def _abu_check_specs() -> list[dg.AssetCheckSpec]:
     "the full-ranking splits (default: all) are ranked against every training image.",
 )
 def abu_scores(
-    context: dg.AssetExecutionContext, compute: Compute, corpus: CorpusSource, warehouse: Warehouse,
-    artifacts: Artifacts, teacher: TeacherSettings,
+    context: dg.AssetExecutionContext,
+    compute: Compute,
+    corpus: CorpusSource,
+    warehouse: Warehouse,
+    artifacts: Artifacts,
+    teacher: TeacherSettings,
 ):
     import hashlib
     import json
@@ -379,11 +452,15 @@ def abu_scores(
     yield dg.Output(
         frame,
         metadata={
-            "dagster/row_count": frame.height, "queries": len(batch.query_ids), "mode": teacher.mode,
+            "dagster/row_count": frame.height,
+            "queries": len(batch.query_ids),
+            "mode": teacher.mode,
             "candidates_per_query": n_candidates[0] if len(n_candidates) == 1 else str(n_candidates),
             "eta_median": float(np.median(etas)),
             "dagster/column_lineage": column_lineage("abu_scores"),
         },
     )
     yield from table_check_results(warehouse, "abu_scores", frame.height, Partition("batch", batch_key))
-    yield from _agreement_checks(model, batch, steps, scores, dino, teacher.agreement_queries, teacher.agreement_candidates)
+    yield from _agreement_checks(
+        model, batch, steps, scores, dino, teacher.agreement_queries, teacher.agreement_candidates
+    )

@@ -1,6 +1,5 @@
 """IO manager for per-partition arrays (features, embeddings): one safetensors file per partition."""
 
-
 from pathlib import Path
 
 import dagster as dg

@@ -1,6 +1,5 @@
 """Where training shards come from: the folder the sensor watches, and the embedded demo corpus spec."""
 
-
 from pathlib import Path
 
 import dagster as dg

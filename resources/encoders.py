@@ -1,7 +1,5 @@
 """The frozen feature encoders, named by backend (see gda.encoders), loaded once per run."""
 
-
-
 import dagster as dg
 from pydantic import Field, field_validator
 

@@ -110,23 +110,32 @@ class ParquetIOManager(dg.ConfigurableIOManager):
     def _table(self, key: dg.AssetKey) -> str:
         table = key.path[-1]
         if table not in self.tables:
-            raise ValueError(f"{table} is not kept as Parquet (only {', '.join(self.tables)}); store it with warehouse_io")
+            raise ValueError(
+                f"{table} is not kept as Parquet (only {', '.join(self.tables)}); store it with warehouse_io"
+            )
         return table
 
     def handle_output(self, context: dg.OutputContext, obj: pl.DataFrame) -> None:
         table = self._table(context.asset_key)
         if not context.has_asset_partitions:
-            raise ValueError(f"{table}: Parquet tables are stored one file per partition, and the asset has no partitions")
+            raise ValueError(
+                f"{table}: Parquet tables are stored one file per partition, and the asset has no partitions"
+            )
         column = context.definition_metadata.get("partition_expr") or tables.partition_column(table)
         frame = tables.conform(table, obj)
         keys = list(context.asset_partition_keys)
         stray = frame.filter(~pl.col(column).is_in(keys)).height
         if stray:
-            raise ValueError(f"{table}: {stray} rows have a {column} outside the partitions written ({', '.join(keys)})")
+            raise ValueError(
+                f"{table}: {stray} rows have a {column} outside the partitions written ({', '.join(keys)})"
+            )
         paths = [write_partition(self.root, table, column, key, frame) for key in keys]
         ensure_schema_file(self.root, table)
         context.add_output_metadata(
-            {"path": dg.MetadataValue.path(str(paths[0] if len(paths) == 1 else table_folder(self.root, table))), "files": len(paths)}
+            {
+                "path": dg.MetadataValue.path(str(paths[0] if len(paths) == 1 else table_folder(self.root, table))),
+                "files": len(paths),
+            }
         )
 
     def load_input(self, context: dg.InputContext) -> pl.DataFrame:

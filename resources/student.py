@@ -27,7 +27,9 @@ class StudentSettings(dg.ConfigurableResource):
 class IndexSettings(dg.ConfigurableResource):
     """How the attribution index is built (gda.index.SearchSettings; sizes measured by `gda bench index-scale`)."""
 
-    ivf_above: int = Field(default=200_000, ge=0)  # training images beyond which an IVF index replaces the exact flat one
+    ivf_above: int = Field(
+        default=200_000, ge=0
+    )  # training images beyond which an IVF index replaces the exact flat one
     pq_above: int = Field(default=20_000_000, ge=0)  # ... and beyond which its lists hold PQ codes, not raw vectors
     nlist: int = Field(default=1024, ge=1)
     nprobe: int = Field(default=32, ge=1)

@@ -12,11 +12,10 @@ GPU workers in parallel) are Parquet files, one per partition, written without D
 ``ParquetIOManager``; gda.duckdb then holds views named like them (``resources/parquet_io.py``).
 """
 
-
 import logging
 import re
 import shutil
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -84,7 +83,7 @@ class Warehouse(dg.ConfigurableResource):
             except BaseException:
                 con.rollback()
                 raise
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         for table, folder in imported.items():
             if not folder.is_dir():
                 continue
@@ -93,7 +92,9 @@ class Warehouse(dg.ConfigurableResource):
                 continue
             aside = folder.with_name(f"{folder.name}.imported-{stamp}")
             folder.rename(aside)
-            log.warning(f"{table}: rows copied from Parquet into gda.duckdb (table_format duckdb); files kept in {aside}")
+            log.warning(
+                f"{table}: rows copied from Parquet into gda.duckdb (table_format duckdb); files kept in {aside}"
+            )
 
     def _switch_formats(self, con: duckdb.DuckDBPyConnection) -> dict[str, Path]:
         """Views for the Parquet tables (a stored table's rows written out first); a view left by parquet mode
@@ -137,7 +138,10 @@ class Warehouse(dg.ConfigurableResource):
             write_partition(self.tables_root, table, column, key, frame)
             rows += frame.height
         if rows:
-            log.warning(f"{table}: {rows} rows moved from gda.duckdb to Parquet files in {table_folder(self.tables_root, table)}")
+            log.warning(
+                f"{table}: {rows} rows moved from gda.duckdb to Parquet files in "
+                f"{table_folder(self.tables_root, table)}"
+            )
 
     def replace_table(self, table: str, frame: pl.DataFrame, partition: tuple[str, str] | None = None) -> None:
         """Replace every row of ``table`` (or, with ``partition`` = (column, key), the rows of that partition)
@@ -170,6 +174,8 @@ def _import_name(table: str) -> str:
 
 def _view_folder(con: duckdb.DuckDBPyConnection, table: str) -> Path | None:
     """The folder whose Parquet files the view ``table`` reads, from its definition."""
-    row = con.execute("SELECT sql FROM duckdb_views() WHERE schema_name = ? AND view_name = ?", [tables.SCHEMA, table]).fetchone()
+    row = con.execute(
+        "SELECT sql FROM duckdb_views() WHERE schema_name = ? AND view_name = ?", [tables.SCHEMA, table]
+    ).fetchone()
     found = re.search(r"read_parquet\('(.*)/\*\.parquet'", row[0]) if row else None
     return Path(found.group(1).replace("''", "'")) if found else None

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 if TYPE_CHECKING:
+    from servicekit import ServedHome
+
     from gda.encoders import ImageEncoder, TextEncoder
     from gda.home import Home
-    from servicekit import ServedHome
 
 # Test helpers (shardkit, sdkit) import as top-level modules.
 sys.path.insert(0, str(Path(__file__).parent))
@@ -49,7 +50,9 @@ def tiny_encoders() -> tuple[ImageEncoder, TextEncoder]:
 
 
 @pytest.fixture(scope="session")
-def served_home(tmp_path_factory: pytest.TempPathFactory, tiny_encoders: tuple[ImageEncoder, TextEncoder]) -> ServedHome:
+def served_home(
+    tmp_path_factory: pytest.TempPathFactory, tiny_encoders: tuple[ImageEncoder, TextEncoder]
+) -> ServedHome:
     from servicekit import build_served_home
 
     return build_served_home(tmp_path_factory.mktemp("served_home"), *tiny_encoders)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+from shardkit import png, write_tar
 
 from gda import tables
 from gda.arrays import IdArray
@@ -23,13 +24,23 @@ from gda.encoders import ImageEncoder, TextEncoder
 from gda.home import Home
 from gda.index import SearchSettings
 from gda.service import EMBEDDER_FOLDER, INDEX_FOLDER
-from shardkit import png, write_tar
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (240, 220, 40), "black": (10, 10, 10), "white": (245, 245, 245)}
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 180, 60),
+    "blue": (40, 60, 220),
+    "yellow": (240, 220, 40),
+    "black": (10, 10, 10),
+    "white": (245, 245, 245),
+}
 MODEL_VERSION = "model0test01"
 # (query id, split, prompt, colour): squares like the corpus' standing in for the diffusion model's samples;
 # the service lists the test split's and not the others'.
-QUERIES = [(101, "test", "a red square icon", "red"), (102, "test", "a blue square icon", "blue"), (103, "train", "a green square icon", "green")]
+QUERIES = [
+    (101, "test", "a red square icon", "red"),
+    (102, "test", "a blue square icon", "blue"),
+    (103, "train", "a green square icon", "green"),
+]
 
 
 @dataclass(frozen=True)
@@ -84,7 +95,9 @@ def _add_queries(con: duckdb.DuckDBPyConnection, home: Home) -> tuple[dict[int, 
 def build_served_home(root: Path, image_encoder: ImageEncoder, text_encoder: TextEncoder) -> ServedHome:
     """Everything `gda.service.open_engine` reads, under `root`, as the assets would have written it."""
     home = Home(root)
-    embedder = Embedder(EmbedderConfig(input_dim=image_encoder.dim + text_encoder.dim, image_dim=image_encoder.dim, widths=(32, 16)))
+    embedder = Embedder(
+        EmbedderConfig(input_dim=image_encoder.dim + text_encoder.dim, image_dim=image_encoder.dim, widths=(32, 16))
+    )
     shards: dict[str, IdArray] = {}
     captions: dict[int, str] = {}
     images: dict[int, bytes] = {}
@@ -103,7 +116,10 @@ def build_served_home(root: Path, image_encoder: ImageEncoder, text_encoder: Tex
             captions |= dict(zip(ids, accepted["caption"].to_list()))
             images |= dict(zip(ids, pngs))
             features = np.concatenate(
-                [image_encoder.encode(load_images(path, accepted["key"].to_list())), text_encoder.encode(accepted["caption"].to_list())],
+                [
+                    image_encoder.encode(load_images(path, accepted["key"].to_list())),
+                    text_encoder.encode(accepted["caption"].to_list()),
+                ],
                 axis=1,
             )
             shards[f"{number:05d}"] = IdArray(np.asarray(ids, dtype=np.int64), embedder.embed_training(features))
@@ -113,6 +129,13 @@ def build_served_home(root: Path, image_encoder: ImageEncoder, text_encoder: Tex
     save_index(home.artifacts / INDEX_FOLDER / INDEX_FILE, index)
     write_card(home.artifacts / "diffusion_model", ModelCard(kind="scratch", weights=".", version=MODEL_VERSION))
     return ServedHome(
-        home, MODEL_VERSION, version, index.manifest.version, sorted(captions), captions, images, query_prompts, query_images
+        home,
+        MODEL_VERSION,
+        version,
+        index.manifest.version,
+        sorted(captions),
+        captions,
+        images,
+        query_prompts,
+        query_images,
     )
-

@@ -209,7 +209,9 @@ def _image_sha(entry: RawEntry) -> str | None:
     return hashlib.sha256(image).hexdigest() if image else None
 
 
-def classify(entries: Iterable[RawEntry], shard: str, number: int, limits: IngestLimits) -> tuple[list[dict], list[dict]]:
+def classify(
+    entries: Iterable[RawEntry], shard: str, number: int, limits: IngestLimits
+) -> tuple[list[dict], list[dict]]:
     accepted: list[dict[str, object]] = []
     rejected: list[dict[str, object]] = []
     seen: set[str] = set()
@@ -270,8 +272,12 @@ def ingest_shard(path: Path, limits: IngestLimits = IngestLimits()) -> IngestRes
     shard = path.stem  # the partition key, exactly as the file is named
     reader = ShardReader(path)
     accepted_rows, rejected_rows = classify(reader, shard, number, limits)
-    accepted = tables.conform("training_images", pl.DataFrame(accepted_rows, schema=tables.polars_schema("training_images")))
-    rejected = tables.conform("rejected_images", pl.DataFrame(rejected_rows, schema=tables.polars_schema("rejected_images")))
+    accepted = tables.conform(
+        "training_images", pl.DataFrame(accepted_rows, schema=tables.polars_schema("training_images"))
+    )
+    rejected = tables.conform(
+        "rejected_images", pl.DataFrame(rejected_rows, schema=tables.polars_schema("rejected_images"))
+    )
     tar_keys = set(accepted["key"].to_list()) | set(rejected["key"].to_list())
     first_captions = dict(zip(accepted["key"].to_list(), accepted["caption"].to_list()))
     return IngestResult(

@@ -69,7 +69,9 @@ def shard_file(directory: Path, shard: str) -> Path:
     """The tar of shard ``shard`` (a partition key) in ``directory``. Only digits are a shard key, so no key
     (``../x``, a partition added by hand in the UI) can name a file outside the folder."""
     if not _is_number(shard):
-        raise ShardNameError(f"shard key {shard!r} is not the digits of a NNNNN.tar; shard partitions are named by their tar")
+        raise ShardNameError(
+            f"shard key {shard!r} is not the digits of a NNNNN.tar; shard partitions are named by their tar"
+        )
     return Path(directory) / f"{shard}.tar"
 
 

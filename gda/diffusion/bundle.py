@@ -237,7 +237,9 @@ def load(path: str | Path) -> DiffusionBundle:
         raise ModelFolderError(f"{meta_path}: unknown kind {meta['kind']!r}")
     path = _checked_folder(path, ("unet", "scheduler"))
     if meta["text_conditioner"]["name"] != "minilm":
-        raise ModelFolderError(f"{meta_path}: scratch models condition on minilm, not {meta['text_conditioner']['name']!r}")
+        raise ModelFolderError(
+            f"{meta_path}: scratch models condition on minilm, not {meta['text_conditioner']['name']!r}"
+        )
     config = ScratchModelConfig.from_dict(meta["config"])
     unet = UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=True, local_files_only=True)
     scheduler = DDPMScheduler.from_pretrained(path / "scheduler", local_files_only=True)

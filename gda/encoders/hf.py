@@ -62,9 +62,7 @@ def resolve_model_dir(model: str | None, role: str) -> Path:
     """Local folder holding `model` (a folder, or a hub id in the HF cache), resolved, with safetensors
     weights and nothing that points outside it; one-line errors otherwise, before any weights are read."""
     if not model:
-        raise EncoderError(
-            f"{role} backend 'hf' needs a model: set {role}_model to a local folder or cached hub id"
-        )
+        raise EncoderError(f"{role} backend 'hf' needs a model: set {role}_model to a local folder or cached hub id")
     folder = model_folder(_local_snapshot(model, role), f"{role} model")
     if not any(folder.glob("*.safetensors")):
         raise EncoderError(
@@ -111,7 +109,9 @@ class HFImageEncoder:
             self.model = _frozen(model, spec)
             self.dim = self.model.config.hidden_size
         elif self.model_type in ("clip", "clip_vision_model"):
-            model = CLIPVisionModelWithProjection.from_pretrained(self.path, use_safetensors=True, local_files_only=True)
+            model = CLIPVisionModelWithProjection.from_pretrained(
+                self.path, use_safetensors=True, local_files_only=True
+            )
             self.model = _frozen(model, spec)
             self.dim = self.model.config.projection_dim
         else:

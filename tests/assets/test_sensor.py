@@ -6,15 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import dagster as dg
+from shardkit import good, write_tar
 
 from gda_assets.corpus import shard_sensor
 from gda_assets.partitions import shard_partitions
 from resources import CorpusSource
-from shardkit import good, write_tar
 
 
 def _evaluate(instance: dg.DagsterInstance, folder: Path, cursor: str | None) -> dg.SensorResult:
-    context = dg.build_sensor_context(instance=instance, cursor=cursor, resources={"corpus": CorpusSource(shards_dir=str(folder))})
+    context = dg.build_sensor_context(
+        instance=instance, cursor=cursor, resources={"corpus": CorpusSource(shards_dir=str(folder))}
+    )
     return shard_sensor(context)
 
 

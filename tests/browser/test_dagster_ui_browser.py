@@ -21,11 +21,11 @@ import httpx
 import pytest
 from dagster import DagsterRunStatus
 from dagster_graphql import DagsterGraphQLClient
+from netkit import free_port
 from playwright.sync_api import Browser, Locator, Page, expect
 
 from gda.home import Home
 from gda_assets.factory import build_defs
-from netkit import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 180.0
@@ -46,7 +46,8 @@ FINISHED = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus
 pytestmark = pytest.mark.filterwarnings("ignore:Using variable_values and operation_name:DeprecationWarning")
 
 WORKSPACE = """{ workspaceOrError { __typename
-  ... on Workspace { locationEntries { name loadStatus locationOrLoadError { __typename ... on PythonError { message } } } }
+  ... on Workspace { locationEntries { name loadStatus
+    locationOrLoadError { __typename ... on PythonError { message } } } }
   ... on PythonError { message } } }"""
 ASSET_NODES = "{ assetNodes { assetKey { path } } }"
 RUN_EVENTS = """query ($runId: ID!) { runOrError(runId: $runId) { ... on Run { eventConnection { events {
@@ -79,16 +80,34 @@ def dagster_ui(demo_home: Home, tmp_path_factory: pytest.TempPathFactory) -> Ite
     url = f"http://127.0.0.1:{port}"
     output = tmp_path_factory.mktemp("dagster_dev") / "output.log"
     ui = DagsterUI(url, time.time(), DagsterGraphQLClient("127.0.0.1", port_number=port), output)
-    argv = [sys.executable, "-m", "gda.cli", "ui", "--home", str(demo_home.root), "--profile", "tiny", "--host", "127.0.0.1", "--port", str(port)]
+    argv = [
+        sys.executable,
+        "-m",
+        "gda.cli",
+        "ui",
+        "--home",
+        str(demo_home.root),
+        "--profile",
+        "tiny",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     # GDA_SHARDS would put a user's shards in the graph; the offline variables are set here because the
     # autouse _offline fixture is per test, not yet in force while a module fixture starts.
-    env = {key: value for key, value in os.environ.items() if key != "GDA_SHARDS"} | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {key: value for key, value in os.environ.items() if key != "GDA_SHARDS"} | {
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
     # dagster dev maps SIGTERM to whatever handles SIGINT, so a SIGINT ignored by this process (as in a background
     # job of a non-interactive shell) would leave it deaf to both; Python's own handler becomes the default at exec.
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with ui.output.open("wb") as log:
-            process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            process = subprocess.Popen(
+                argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
     finally:
         signal.signal(signal.SIGINT, previous)
     try:
@@ -110,12 +129,18 @@ def _wait_until_loaded(ui: DagsterUI, process: subprocess.Popen[bytes]) -> None:
             workspace = {"locationEntries": []}
         entries = workspace.get("locationEntries", [])
         if entries and all(entry["loadStatus"] == "LOADED" for entry in entries):
-            errors = [entry["locationOrLoadError"] for entry in entries if entry["locationOrLoadError"]["__typename"] == "PythonError"]
+            errors = [
+                entry["locationOrLoadError"]
+                for entry in entries
+                if entry["locationOrLoadError"]["__typename"] == "PythonError"
+            ]
             assert not errors, f"the code location failed to load: {errors}"
             return
         if time.monotonic() > deadline:
-            pytest.fail(f"gda ui did not serve a loaded code location at {ui.url} within {START_TIMEOUT_S:g} s "
-                        f"(workspace: {workspace}); its output ends:\n{ui.output_tail()}")
+            pytest.fail(
+                f"gda ui did not serve a loaded code location at {ui.url} within {START_TIMEOUT_S:g} s "
+                f"(workspace: {workspace}); its output ends:\n{ui.output_tail()}"
+            )
         time.sleep(1)
 
 
@@ -127,8 +152,13 @@ def _stop(ui: DagsterUI, process: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-        pytest.fail(f"gda ui did not stop within {STOP_TIMEOUT_S:g} s of SIGINT and was killed; its output ends:\n{ui.output_tail()}")
-    assert process.returncode == 0, f"gda ui exited with {process.returncode} on SIGINT; its output ends:\n{ui.output_tail()}"
+        pytest.fail(
+            f"gda ui did not stop within {STOP_TIMEOUT_S:g} s of SIGINT and was killed; its output "
+            f"ends:\n{ui.output_tail()}"
+        )
+    assert process.returncode == 0, (
+        f"gda ui exited with {process.returncode} on SIGINT; its output ends:\n{ui.output_tail()}"
+    )
 
 
 def _wait_for_run(ui: DagsterUI, run_id: str) -> DagsterRunStatus:
@@ -136,7 +166,10 @@ def _wait_for_run(ui: DagsterUI, run_id: str) -> DagsterRunStatus:
     while (status := ui.client.get_run_status(run_id)) not in FINISHED:
         if time.monotonic() > deadline:
             # A run the daemon never dequeues stays QUEUED: the instance's run coordinator queues every run.
-            pytest.fail(f"run {run_id} still {status.value} after {RUN_TIMEOUT_S:g} s; gda ui's output ends:\n{ui.output_tail()}")
+            pytest.fail(
+                f"run {run_id} still {status.value} after {RUN_TIMEOUT_S:g} s; gda ui's output "
+                f"ends:\n{ui.output_tail()}"
+            )
         time.sleep(2)
     return status
 
@@ -160,7 +193,9 @@ def _show_the_whole_lineage(page: Page, url: str) -> Locator:
     expect(graph.get_by_text("rank_eval", exact=True)).to_be_visible(timeout=PAGE_TIMEOUT_MS)
     width, height = float(graph.get_attribute("width")), float(graph.get_attribute("height"))
     pane_left = page.viewport_size["width"] - graph.bounding_box()["width"]
-    page.set_viewport_size({"width": math.ceil(width * READABLE_ZOOM + pane_left), "height": math.ceil(height * READABLE_ZOOM) + HEADER_PX})
+    page.set_viewport_size(
+        {"width": math.ceil(width * READABLE_ZOOM + pane_left), "height": math.ceil(height * READABLE_ZOOM) + HEADER_PX}
+    )
     # The graph is fitted on load only; the expanded groups are remembered across it.
     page.reload()
     return graph
@@ -181,9 +216,13 @@ def test_the_dagster_ui_runs_a_materialization_and_shows_the_lineage_and_galleri
     dagster_ui: DagsterUI, demo_home: Home, browser: Browser, screenshot: Callable[[Page, str], Path]
 ) -> None:
     # The asset job the UI's Materialize button launches; the client finds its code location in the workspace.
-    run_id = dagster_ui.client.submit_job_execution("__ASSET_JOB", asset_selection=[ASSET], tags={"dagster/partition": PARTITION})
+    run_id = dagster_ui.client.submit_job_execution(
+        "__ASSET_JOB", asset_selection=[ASSET], tags={"dagster/partition": PARTITION}
+    )
     status = _wait_for_run(dagster_ui, run_id)
-    assert status == DagsterRunStatus.SUCCESS, f"run {run_id} of {ASSET}[{PARTITION}] ended {status.value}:\n{_run_errors(dagster_ui, run_id)}"
+    assert status == DagsterRunStatus.SUCCESS, (
+        f"run {run_id} of {ASSET}[{PARTITION}] ended {status.value}:\n{_run_errors(dagster_ui, run_id)}"
+    )
 
     expected = {key.to_user_string() for key in build_defs(home=demo_home, profile="tiny").resolve_all_asset_keys()}
     served = {"/".join(node["assetKey"]["path"]) for node in dagster_ui.graphql(ASSET_NODES)["assetNodes"]}
@@ -202,7 +241,9 @@ def test_the_dagster_ui_runs_a_materialization_and_shows_the_lineage_and_galleri
     gallery = _open_gallery(page, dagster_ui.url)
     expect(gallery.get_by_text("gallery", exact=True)).to_be_visible(timeout=PAGE_TIMEOUT_MS)
     expect(gallery.locator("img[src^='data:image/png']").first).to_be_visible(timeout=PAGE_TIMEOUT_MS)
-    page.wait_for_function("[...document.querySelectorAll('[role=dialog] img')].every(i => i.complete && i.naturalWidth > 0)")
+    page.wait_for_function(
+        "[...document.querySelectorAll('[role=dialog] img')].every(i => i.complete && i.naturalWidth > 0)"
+    )
     screenshot(page, "dagster_rank_eval_gallery.png")
     page.close()
 

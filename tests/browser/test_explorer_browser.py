@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 from playwright.sync_api import Browser, Page, expect
+from servicekit import ServedHome
+from shardkit import png
 
 from bench.load import serving
 from gda.api import create_app
 from gda.service import AttributionEngine, open_engine
-from servicekit import ServedHome
-from shardkit import png
 
 TOKEN = secrets.token_urlsafe(16)
 
@@ -57,7 +57,9 @@ def expect_gallery(page: Page, served_home: ServedHome, k: int) -> None:
     expect(cards).to_have_count(k)
     assert cards.locator(".rank").all_inner_texts() == [f"rank {rank}" for rank in range(1, k + 1)]
     assert all(caption in served_home.captions.values() for caption in cards.locator(".caption").all_inner_texts())
-    page.wait_for_function("[...document.querySelectorAll('#gallery img, #query img')].every(i => i.complete && i.naturalWidth > 0)")
+    page.wait_for_function(
+        "[...document.querySelectorAll('#gallery img, #query img')].every(i => i.complete && i.naturalWidth > 0)"
+    )
     expect(page.locator("#versions")).to_contain_text(f"index {served_home.index_version}")
     expect(page.locator("#error")).to_be_hidden()
 
@@ -71,7 +73,9 @@ def test_an_uploaded_image_shows_its_gallery_in_the_browser(
     upload.locator("input[name=image]").set_input_files(not_an_image)
     upload.locator("input[name=prompt]").fill("a red square")
     upload.get_by_role("button", name="Attribute").click()
-    expect(page.locator("#error")).to_have_text("not a decodable image: Pillow recognises no image format in these bytes")
+    expect(page.locator("#error")).to_have_text(
+        "not a decodable image: Pillow recognises no image format in these bytes"
+    )
 
     image = tmp_path / "query.png"
     image.write_bytes(png((20, 20), (220, 30, 30)))

@@ -12,6 +12,7 @@ import duckdb
 import numpy as np
 import pytest
 import torch
+from shardkit import good, png, write_tar
 
 from gda import arrays
 from gda.cli import main
@@ -25,7 +26,6 @@ from gda_assets.factory import build_defs
 from gda_assets.runner import open_instance, run_shards
 from resources import DiffusionSource, EvaluationSettings, TeacherSettings
 from sql import named_query
-from shardkit import good, png, write_tar
 
 
 def _query(home: Home, sql: str, params: list | None = None) -> list[tuple]:
@@ -102,7 +102,11 @@ def test_queries_are_split_batched_generated_and_encoded(demo_home: Home) -> Non
     instance = open_instance(demo_home)
     batches = sorted(instance.get_dynamic_partitions("query_batches"))
     assert batches == ["test-000", "train-000", "train-001", "val-000"]
-    rows = _query(demo_home, "SELECT q.query_id, q.seed, g.image_path, g.image_sha256, g.batch FROM query_prompts q JOIN generated_queries g USING (query_id)")
+    rows = _query(
+        demo_home,
+        "SELECT q.query_id, q.seed, g.image_path, g.image_sha256, g.batch FROM query_prompts q JOIN "
+        "generated_queries g USING (query_id)",
+    )
     assert len(rows) == 28
     for query_id, seed, image_path, sha, _ in rows:
         assert seed == query_seed(0, query_id)
@@ -186,7 +190,8 @@ def test_abu_scores_rank_every_candidate_of_every_query(demo_home: Home) -> None
     ) == [(0,)]
     unscored = _query(
         demo_home,
-        "SELECT count(*) FROM dino_candidates c ANTI JOIN abu_scores s USING (query_id, train_id) WHERE c.kind = 'candidate'",
+        "SELECT count(*) FROM dino_candidates c ANTI JOIN abu_scores s USING (query_id, train_id) WHERE c.kind "
+        "= 'candidate'",
     )
     assert unscored == [(0,)]
     # Ranks follow the scores: the top-ranked candidate has the highest score of its query.
@@ -225,7 +230,9 @@ def test_teacher_benchmark_measures_both_modes_and_kronfluence(demo_home: Home, 
     assert main(["bench", "teacher", "--home", str(demo_home.root), "--profile", "tiny", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     [(n,)] = _query(demo_home, "SELECT count(*) FROM training_images")
-    assert result["training_images"] == n and result["k_candidates"] == profile_values("tiny")["teacher"]["k_candidates"]
+    assert (
+        result["training_images"] == n and result["k_candidates"] == profile_values("tiny")["teacher"]["k_candidates"]
+    )
     spq = result["seconds_per_query"]
     assert 0 < spq["unlearning_step"] < spq["first_order_k"] <= spq["first_order_whole_set"]
     assert spq["finite_k"] > spq["unlearning_step"] and result["finite_candidate_evaluations_per_s"] > 0
@@ -245,7 +252,9 @@ def test_demo_takes_the_baselines_from_the_training_side_pass(demo_home: Home) -
 
     settings = TeacherSettings(**profile_values("tiny")["teacher"])
     config = teacher_config(settings)
-    bundle = load(weights_dir(demo_home.artifacts / "diffusion_model", read_card(demo_home.artifacts / "diffusion_model")))
+    bundle = load(
+        weights_dir(demo_home.artifacts / "diffusion_model", read_card(demo_home.artifacts / "diffusion_model"))
+    )
     for shard in ("00000", "00001"):
         stored = arrays.load(demo_home.artifacts / "baseline_losses" / f"{shard}.safetensors")
         with duckdb.connect(str(demo_home.duckdb_path), read_only=True) as con:
@@ -254,18 +263,26 @@ def test_demo_takes_the_baselines_from_the_training_side_pass(demo_home: Home) -
         # An independent forward pass over the same items and draws gives the same losses.
         images = load_corpus_images(rows, lambda s: demo_home.shards / f"{s}.tar", bundle.image_size)
         states = bundle.text.encode_prompts(rows["captions"].list.first().to_list())
-        own = baseline_losses(bundle, images, states, rows["id"].to_list(), config.seed, timesteps(config), config.batch_size)
+        own = baseline_losses(
+            bundle, images, states, rows["id"].to_list(), config.seed, timesteps(config), config.batch_size
+        )
         np.testing.assert_allclose(stored.values[:6], own.numpy(), rtol=1e-5, atol=1e-7)
 
 
 def test_finite_teacher_mode_scores_the_same_candidates(demo_home: Home) -> None:
     values = profile_values("tiny")["teacher"]
-    defs = build_defs(home=demo_home, profile="tiny", overrides={"teacher": TeacherSettings(**{**values, "mode": "finite"})})
+    defs = build_defs(
+        home=demo_home, profile="tiny", overrides={"teacher": TeacherSettings(**{**values, "mode": "finite"})}
+    )
     instance = open_instance(demo_home)
     for shard in ("00000", "00001"):
         assert defs.resolve_job_def("baseline_job").execute_in_process(instance=instance, partition_key=shard).success
     assert defs.resolve_job_def("teacher_job").execute_in_process(instance=instance, partition_key="val-000").success
-    rows = _query(demo_home, "SELECT mode, count(*), count(*) FILTER (WHERE isfinite(score)) FROM abu_scores WHERE batch = 'val-000' GROUP BY mode")
+    rows = _query(
+        demo_home,
+        "SELECT mode, count(*), count(*) FILTER (WHERE isfinite(score)) FROM abu_scores WHERE batch = 'val-000' "
+        "GROUP BY mode",
+    )
     k = values["k_candidates"]
     assert rows == [("finite", 4 * k, 4 * k)]
     baseline = arrays.load(demo_home.artifacts / "baseline_losses" / "00000.safetensors")
@@ -293,8 +310,20 @@ def test_query_a_generated_test_image_through_the_cli(demo_home: Home, capsys: p
         demo_home, f"SELECT query_id, prompt, image_path FROM ({named_query('test_queries').rstrip(';')}) LIMIT 1"
     )
     capsys.readouterr()
-    argv = ["query", "--home", str(demo_home.root), "--profile", "tiny", "--image", str(demo_home.artifacts / image_path),
-            "--prompt", prompt, "--top-k", "5", "--json"]
+    argv = [
+        "query",
+        "--home",
+        str(demo_home.root),
+        "--profile",
+        "tiny",
+        "--image",
+        str(demo_home.artifacts / image_path),
+        "--prompt",
+        prompt,
+        "--top-k",
+        "5",
+        "--json",
+    ]
     assert main(argv) == 0
     answer = json.loads(capsys.readouterr().out)
     ids = [r["train_id"] for r in answer["results"]]
@@ -303,7 +332,8 @@ def test_query_a_generated_test_image_through_the_cli(demo_home: Home, capsys: p
     # The demo's own sample attribution (this same first test query) and this answer, both audited.
     logged = _query(
         demo_home,
-        "SELECT train_ids, embedder_version FROM attribution_log WHERE prompt = ? AND interface = 'cli' ORDER BY logged_at",
+        "SELECT train_ids, embedder_version FROM attribution_log WHERE prompt = ? AND interface = 'cli' ORDER "
+        "BY logged_at",
         [prompt],
     )
     assert len(logged) == 2 and logged[0][0][:5] == logged[1][0] == ids
@@ -328,7 +358,9 @@ def test_rank_eval_scores_every_method_at_every_level_against_the_teacher(demo_h
     assert passed
 
 
-def test_counterfactual_retrains_without_each_methods_top_k(demo_home: Home, capsys: pytest.CaptureFixture[str]) -> None:
+def test_counterfactual_retrains_without_each_methods_top_k(
+    demo_home: Home, capsys: pytest.CaptureFixture[str]
+) -> None:
     settings = profile_values("tiny")["evaluation"]
     k, n_queries = settings["counterfactual_k"][0], settings["counterfactual_queries"]
     assert main(["counterfactual", "--home", str(demo_home.root), "--profile", "tiny"]) == 0
@@ -339,7 +371,9 @@ def test_counterfactual_retrains_without_each_methods_top_k(demo_home: Home, cap
         "FROM eval_counterfactual ORDER BY method, query_id",
     )
     methods = ["concat_raw", "distilled", "random", "teacher"]
-    test_ids = [q for (q,) in _query(demo_home, "SELECT query_id FROM query_prompts WHERE split = 'test' ORDER BY query_id")]
+    test_ids = [
+        q for (q,) in _query(demo_home, "SELECT query_id FROM query_prompts WHERE split = 'test' ORDER BY query_id")
+    ]
     assert [(r[1], r[2]) for r in rows] == [(m, q) for m in methods for q in test_ids[:n_queries]]
     assert all(r[0] == f"{r[1]}-k{k}-g0" for r in rows)
 
@@ -347,17 +381,27 @@ def test_counterfactual_retrains_without_each_methods_top_k(demo_home: Home, cap
     for _, method, query_id, removed, n_train, *_ in rows:
         assert len(set(removed)) == k and n_train == 240 - k
         if method == "teacher":
-            top = _query(demo_home, "SELECT train_id FROM abu_scores WHERE query_id = ? ORDER BY rank LIMIT ?", [query_id, k])
+            top = _query(
+                demo_home, "SELECT train_id FROM abu_scores WHERE query_id = ? ORDER BY rank LIMIT ?", [query_id, k]
+            )
             assert removed == [t for (t,) in top]
 
     # loss_before is theta0's loss on the fixed draws, recomputed here independently; every delta is finite.
-    model = load(weights_dir(demo_home.artifacts / "diffusion_model", read_card(demo_home.artifacts / "diffusion_model")))
+    model = load(
+        weights_dir(demo_home.artifacts / "diffusion_model", read_card(demo_home.artifacts / "diffusion_model"))
+    )
     [(batch,)] = _query(demo_home, "SELECT DISTINCT batch FROM query_prompts WHERE split = 'test'")
     generated = load_generated(demo_home.artifacts / "generated_queries" / f"{batch}.safetensors")
     for _, _, query_id, _, _, before, after, delta, mse in rows:
         i = generated.query_ids.tolist().index(query_id)
-        expected = evaluate_loss(model, generated.samples[i : i + 1], generated.prompt_states[i : i + 1], [query_id],
-                                 range(settings["loss_draws"]), EvaluationSettings().loss_seed)
+        expected = evaluate_loss(
+            model,
+            generated.samples[i : i + 1],
+            generated.prompt_states[i : i + 1],
+            [query_id],
+            range(settings["loss_draws"]),
+            EvaluationSettings().loss_seed,
+        )
         assert before == pytest.approx(float(expected[0]), rel=1e-5)
         assert np.isfinite([after, delta, mse]).all() and delta == pytest.approx(after - before)
         assert after != before and mse > 0

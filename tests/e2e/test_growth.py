@@ -16,8 +16,13 @@ from gda.service import open_engine
 from gda_assets.runner import absorb_new_shards, open_instance
 
 PER_SHARD = {
-    "training_images", "rejected_images", "image_features", "text_features", "training_gradients",
-    "baseline_losses", "training_embeddings",
+    "training_images",
+    "rejected_images",
+    "image_features",
+    "text_features",
+    "training_gradients",
+    "baseline_losses",
+    "training_embeddings",
 }
 
 
@@ -48,7 +53,9 @@ def test_only_the_new_shards_partitions_and_the_index_are_materialized(grown: tu
     assert len(new_runs) == 2 and all(run.status == dg.DagsterRunStatus.SUCCESS for run in new_runs)
     materialized = set()
     for run in new_runs:
-        for record in instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records:
+        for record in instance.get_records_for_run(
+            run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION
+        ).records:
             event = record.event_log_entry.dagster_event
             materialized.add((event.asset_key.to_user_string(), event.partition))
     assert materialized == {(asset, "00002") for asset in PER_SHARD} | {("attribution_index", None)}

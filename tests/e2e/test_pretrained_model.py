@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import duckdb
+from sdkit import write_tiny_stable_diffusion
+from shardkit import good, write_tar
 
 from gda.diffusion.card import read_card
 from gda.home import Home
@@ -14,8 +16,6 @@ from gda.queries import load_generated
 from gda_assets.factory import build_defs
 from gda_assets.runner import open_instance, run_shards
 from resources import DiffusionSource, QueryPlan
-from sdkit import write_tiny_stable_diffusion
-from shardkit import good, write_tar
 
 
 def test_stable_diffusion_folder_is_registered_and_generates_latent_queries(tmp_path: Path) -> None:

@@ -11,7 +11,10 @@ import duckdb
 import numpy as np
 import polars as pl
 import pytest
+from hfkit import save_clip_text_model, save_image_model
 from PIL import Image
+from sdkit import write_tiny_stable_diffusion
+from shardkit import png, write_tar
 
 from gda import arrays
 from gda.diffusion.card import LATENT_ENCODING, read_card
@@ -21,10 +24,7 @@ from gda.queries import load_generated
 from gda.service import open_engine
 from gda_assets.factory import build_defs
 from gda_assets.runner import demo
-from hfkit import save_clip_text_model, save_image_model
 from resources import Compute, DiffusionSource, EvaluationSettings, QueryPlan, StudentSettings, TeacherSettings
-from sdkit import write_tiny_stable_diffusion
-from shardkit import png, write_tar
 
 COLOURS = {"red": (200, 30, 30), "blue": (30, 40, 200), "green": (30, 170, 60)}
 PER_SHARD = 12
@@ -42,8 +42,11 @@ def laion_shard(path: Path, shard: int) -> None:
 
 @pytest.fixture
 def sd_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
-    folders = {"GDA_SD_MODEL": tmp_path / "stable-diffusion-v1-4", "GDA_DINO_MODEL": tmp_path / "dino-vitb16",
-               "GDA_CLIP_TEXT_MODEL": tmp_path / "clip-vit-base-patch32"}
+    folders = {
+        "GDA_SD_MODEL": tmp_path / "stable-diffusion-v1-4",
+        "GDA_DINO_MODEL": tmp_path / "dino-vitb16",
+        "GDA_CLIP_TEXT_MODEL": tmp_path / "clip-vit-base-patch32",
+    }
     write_tiny_stable_diffusion(folders["GDA_SD_MODEL"])
     save_image_model(folders["GDA_DINO_MODEL"], "vit")
     save_clip_text_model(folders["GDA_CLIP_TEXT_MODEL"])
@@ -72,11 +75,20 @@ def test_sd_profile_runs_the_whole_chain_on_tiny_components(tmp_path: Path, sd_m
         "compute": Compute(**{**values["compute"], "device": "cpu", "threads": 1}),
         "diffusion": DiffusionSource(**{**values["diffusion"], "sampling": {"steps": 2, "guidance_scale": 2.0}}),
         "query_plan": QueryPlan(**{**values["query_plan"], "n_train": 4, "n_val": 2, "n_test": 2, "batch_size": 4}),
-        "teacher": TeacherSettings(**{
-            **values["teacher"], "k_candidates": 6, "n_negatives": 3, "scoring_timesteps": 2, "query_draws": 2,
-            "batch_size": 8, "agreement_candidates": 4,
-        }),
-        "student": StudentSettings(**{**values["student"], "widths": [16, 8], "top_k": 6, "batch_size": 32, "epochs": 2}),
+        "teacher": TeacherSettings(
+            **{
+                **values["teacher"],
+                "k_candidates": 6,
+                "n_negatives": 3,
+                "scoring_timesteps": 2,
+                "query_draws": 2,
+                "batch_size": 8,
+                "agreement_candidates": 4,
+            }
+        ),
+        "student": StudentSettings(
+            **{**values["student"], "widths": [16, 8], "top_k": 6, "batch_size": 32, "epochs": 2}
+        ),
         "evaluation": EvaluationSettings(**{**values["evaluation"], "counterfactual_k": [2], "gallery_queries": 1}),
     }
     report = demo(home, profile="sd", shards_dir=shards, overrides=overrides)
@@ -109,7 +121,9 @@ def test_sd_profile_runs_the_whole_chain_on_tiny_components(tmp_path: Path, sd_m
 
     # The query service answers from the distilled index with training images of the corpus.
     with duckdb.connect(str(home.duckdb_path), read_only=True) as con:
-        path, prompt = con.execute("SELECT image_path, prompt FROM generated_queries ORDER BY query_id LIMIT 1").fetchone()
+        path, prompt = con.execute(
+            "SELECT image_path, prompt FROM generated_queries ORDER BY query_id LIMIT 1"
+        ).fetchone()
         ids = {row[0] for row in con.execute("SELECT id FROM training_images").fetchall()}
     with open_engine(home, "sd", shards=shards) as engine:
         answer = engine.attribute(Image.open(home.artifacts / path), prompt, 5)

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from PIL import Image
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
+from servicekit import ServedHome
 
 from bench import Setting
 from bench import load as load_bench
@@ -28,7 +29,6 @@ from gda import cli
 from gda.api import UNAUTHORIZED, create_app
 from gda.profiles import profile_values
 from gda.service import AttributionEngine, open_engine
-from servicekit import ServedHome
 
 TOKEN = secrets.token_urlsafe(16)
 # Requests per operation and generation mode (schema-valid, schema-violating), in each of 3 setups: about
@@ -61,7 +61,10 @@ def bearer(token: str) -> dict[str, str]:
 def data_requests(served_home: ServedHome) -> dict[str, dict]:
     """One valid request to each endpoint that reaches the data, as TestClient.request keyword arguments."""
     train_id, (query_id, prompt) = served_home.ids[0], next(iter(served_home.query_prompts.items()))
-    upload = {"files": {"image": ("q.png", served_home.query_images[query_id], "image/png")}, "data": {"prompt": prompt, "top_k": "3"}}
+    upload = {
+        "files": {"image": ("q.png", served_home.query_images[query_id], "image/png")},
+        "data": {"prompt": prompt, "top_k": "3"},
+    }
     return {
         "POST /attribute": upload,
         f"GET /training-images/{train_id}": {},
@@ -77,8 +80,14 @@ def call(client: TestClient, endpoint: str, arguments: dict, headers: dict[str, 
 
 
 def test_with_a_token_the_data_needs_it(served_home: ServedHome, locked_client: TestClient) -> None:
-    wrong = [None, bearer(TOKEN[:-1]), bearer(TOKEN + "x"), {"Authorization": TOKEN}, {"Authorization": f"Basic {TOKEN}"},
-             {"Authorization": f"Bearer {'é' * 8}".encode()}]  # non-ASCII: compared as bytes, so refused, not a TypeError
+    wrong = [
+        None,
+        bearer(TOKEN[:-1]),
+        bearer(TOKEN + "x"),
+        {"Authorization": TOKEN},
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": f"Bearer {'é' * 8}".encode()},
+    ]  # non-ASCII: compared as bytes, so refused, not a TypeError
     for endpoint, arguments in data_requests(served_home).items():
         for headers in wrong:
             response = call(locked_client, endpoint, arguments, headers)
@@ -97,7 +106,11 @@ def test_with_a_token_the_data_needs_it(served_home: ServedHome, locked_client: 
 
     spec = locked_client.get("/openapi.json").json()
     assert spec["components"]["securitySchemes"] == {
-        "HTTPBearer": {"type": "http", "scheme": "bearer", "description": "the token the server was started with (GDA_API_TOKEN)"}
+        "HTTPBearer": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "the token the server was started with (GDA_API_TOKEN)",
+        }
     }
     for path, operations in spec["paths"].items():
         for operation in operations.values():
@@ -105,14 +118,18 @@ def test_with_a_token_the_data_needs_it(served_home: ServedHome, locked_client: 
             assert operation["security"] == expected, path
 
 
-def test_without_a_token_nothing_asks_for_one(served_home: ServedHome, open_client: TestClient, engine: AttributionEngine) -> None:
+def test_without_a_token_nothing_asks_for_one(
+    served_home: ServedHome, open_client: TestClient, engine: AttributionEngine
+) -> None:
     for endpoint, arguments in data_requests(served_home).items():
         assert call(open_client, endpoint, arguments).status_code == 200, endpoint
         assert call(open_client, endpoint, arguments, bearer("anything")).status_code == 200, endpoint  # ignored
     assert "versions" in open_client.get("/health").json()
     spec = open_client.get("/openapi.json").json()
     assert "securitySchemes" not in spec.get("components", {})
-    assert all("security" not in operation for operations in spec["paths"].values() for operation in operations.values())
+    assert all(
+        "security" not in operation for operations in spec["paths"].values() for operation in operations.values()
+    )
     for token in ("", " padded", "padded\n"):
         with pytest.raises(ValueError, match="empty or has surrounding whitespace"):
             create_app(engine, token=token)
@@ -125,7 +142,10 @@ def test_serve_takes_the_token_from_the_environment_only(
 
     def fake_run(app: FastAPI, host: str, port: int) -> None:
         client = TestClient(app)
-        seen.update(without=client.get("/queries").status_code, with_token=client.get("/queries", headers=bearer(TOKEN)).status_code)
+        seen.update(
+            without=client.get("/queries").status_code,
+            with_token=client.get("/queries", headers=bearer(TOKEN)).status_code,
+        )
 
     monkeypatch.setattr(uvicorn, "run", fake_run)
     argv = ["serve", "--home", str(served_home.home.root), "--profile", "tiny"]
@@ -152,7 +172,9 @@ def png_of_noise(side: int) -> bytes:
     return buffer.getvalue()
 
 
-def test_bodies_of_the_wrong_type_size_or_content_are_refused(served_home: ServedHome, engine: AttributionEngine) -> None:
+def test_bodies_of_the_wrong_type_size_or_content_are_refused(
+    served_home: ServedHome, engine: AttributionEngine
+) -> None:
     client = TestClient(create_app(engine, max_upload_bytes=4000))
     image, prompt = png_of_noise(16), "a red square"
     assert len(image) < 4000
@@ -162,18 +184,35 @@ def test_bodies_of_the_wrong_type_size_or_content_are_refused(served_home: Serve
         assert detail in response.json()["detail"]
 
     # A body that is not multipart/form-data: 415 naming the type, not a 422 about missing fields.
-    for content_type, body in [("application/json", b'{"prompt": "a red square"}'), ("text/plain", b"a red square"),
-                               ("application/x-www-form-urlencoded", b"prompt=a+red+square"), ("image/png", image)]:
-        refused(client.post("/attribute", content=body, headers={"content-type": content_type}), 415, f"multipart/form-data, not {content_type}")
+    for content_type, body in [
+        ("application/json", b'{"prompt": "a red square"}'),
+        ("text/plain", b"a red square"),
+        ("application/x-www-form-urlencoded", b"prompt=a+red+square"),
+        ("image/png", image),
+    ]:
+        refused(
+            client.post("/attribute", content=body, headers={"content-type": content_type}),
+            415,
+            f"multipart/form-data, not {content_type}",
+        )
     refused(client.post("/attribute", content=image), 415, "not a body without a content type")
-    refused(client.post("/attribute", content=b"--x\r\n", headers={"content-type": "multipart/form-data"}), 400, "boundary")
+    refused(
+        client.post("/attribute", content=b"--x\r\n", headers={"content-type": "multipart/form-data"}), 400, "boundary"
+    )
 
     # The bytes decide what the image is, whatever type its part declares.
     truncated = image[: len(image) // 2]
-    for data, declared in [(b"plain text", "text/plain"), (b"plain text", "image/png"), (truncated, "image/png"), (b"", "image/png")]:
+    for data, declared in [
+        (b"plain text", "text/plain"),
+        (b"plain text", "image/png"),
+        (truncated, "image/png"),
+        (b"", "image/png"),
+    ]:
         response = client.post("/attribute", files={"image": ("q.png", data, declared)}, data={"prompt": prompt})
         refused(response, 415, "not a decodable image")
-    generic = client.post("/attribute", files={"image": ("q", image, "application/octet-stream")}, data={"prompt": prompt})
+    generic = client.post(
+        "/attribute", files={"image": ("q", image, "application/octet-stream")}, data={"prompt": prompt}
+    )
     assert generic.status_code == 200, generic.text
     not_a_file = client.post("/attribute", data={"image": "not a file", "prompt": prompt}, files={"other": ("x", b"x")})
     assert not_a_file.status_code == 422 and not_a_file.json()["detail"][0]["loc"] == ["body", "image"]
@@ -183,15 +222,27 @@ def test_bodies_of_the_wrong_type_size_or_content_are_refused(served_home: Serve
     assert len(big) > 4000
     locked = TestClient(create_app(engine, max_upload_bytes=4000, token=TOKEN))
     for tested in (client, locked):
-        refused(tested.post("/attribute", files={"image": ("q.png", big, "image/png")}, data={"prompt": prompt}), 413, "over the upload limit of 4000 bytes")
-    refused(locked.post("/attribute", files={"image": ("q.png", image, "image/png")}, data={"prompt": prompt}), 401, "needs its token")
+        refused(
+            tested.post("/attribute", files={"image": ("q.png", big, "image/png")}, data={"prompt": prompt}),
+            413,
+            "over the upload limit of 4000 bytes",
+        )
+    refused(
+        locked.post("/attribute", files={"image": ("q.png", image, "image/png")}, data={"prompt": prompt}),
+        401,
+        "needs its token",
+    )
 
 
-def fuzz_operation(operation: schemathesis.APIOperation, mode: GenerationMode, headers: dict[str, str], statuses: Counter[int]) -> None:
+def fuzz_operation(
+    operation: schemathesis.APIOperation, mode: GenerationMode, headers: dict[str, str], statuses: Counter[int]
+) -> None:
     """EXAMPLES requests to `operation` generated in `mode` (derandomized), each with `headers`; counts the
     statuses and fails on any 5xx."""
 
-    @settings(max_examples=EXAMPLES, derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES, derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck)
+    )
     @given(case=operation.as_strategy(generation_mode=mode))
     def check(case: schemathesis.Case) -> None:
         response = case.call(headers=headers)
@@ -209,7 +260,9 @@ def fuzz(app: FastAPI, headers: dict[str, str]) -> dict[str, Counter[int]]:
     for result in schema.get_all_operations():
         operation = result.ok()
         seen[operation.label] = Counter()
-        takes_input = any(map(len, (operation.path_parameters, operation.query, operation.headers, operation.cookies, operation.body)))
+        takes_input = any(
+            map(len, (operation.path_parameters, operation.query, operation.headers, operation.cookies, operation.body))
+        )
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE) if takes_input else (GenerationMode.POSITIVE,):
             fuzz_operation(operation, mode, headers, seen[operation.label])
     return seen
@@ -217,8 +270,14 @@ def fuzz(app: FastAPI, headers: dict[str, str]) -> dict[str, Counter[int]]:
 
 def test_no_request_from_the_spec_gets_a_5xx_without_a_token(open_client: TestClient) -> None:
     seen = fuzz(open_client.app, {})
-    assert set(seen) == {"POST /attribute", "GET /training-images/{train_id}", "GET /training-images/{train_id}/image",
-                         "GET /queries", "GET /queries/{query_id}/image", "GET /health"}
+    assert set(seen) == {
+        "POST /attribute",
+        "GET /training-images/{train_id}",
+        "GET /training-images/{train_id}/image",
+        "GET /queries",
+        "GET /queries/{query_id}/image",
+        "GET /health",
+    }
     assert all(status != 401 for statuses in seen.values() for status in statuses)
     assert {415, 422} <= set(seen["POST /attribute"])  # fuzzing reached the image decoding and the form checks
 

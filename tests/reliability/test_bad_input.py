@@ -19,10 +19,11 @@ import polars as pl
 import pytest
 from PIL import Image
 from pydantic import ValidationError
+from servicekit import ServedHome
+from shardkit import good, png, write_tar
 
-from gda import features
+from gda import features, tables
 from gda.cli import main
-from gda import tables
 from gda.corpus.ingest import REASONS, IngestLimits, ingest_shard
 from gda.corpus.shards import ShardNameError, ShardSample, load_images, shard_file, write_shard
 from gda.diffusion.card import ModelCard, weights_dir, write_card
@@ -31,8 +32,6 @@ from gda.home import Home
 from gda.images import to_rgb
 from gda.paths import ModelPathError, model_folder
 from gda.profiles import PROFILES, UnknownProfileError
-from servicekit import ServedHome
-from shardkit import good, png, write_tar
 
 REPO = Path(__file__).resolve().parents[2]
 WHITE = (255, 255, 255)
@@ -76,17 +75,27 @@ def bad_shard(tmp_path: Path) -> Path:
     Image.new("1", (20000, 20000)).save(huge, format="PNG")  # a bomb: tiny file, 400 M declared pixels
     members = [
         *good("a"),
-        ("b.png", b"not an image at all"), ("b.txt", b"caption"),
-        ("c.png", truncated[: len(truncated) // 2]), ("c.txt", b"caption"),
+        ("b.png", b"not an image at all"),
+        ("b.txt", b"caption"),
+        ("c.png", truncated[: len(truncated) // 2]),
+        ("c.txt", b"caption"),
         ("d.png", png()),  # no caption
-        ("e.png", png()), ("e.txt", b"\xff\xfe not utf-8"),
-        ("f.png", png((2, 2))), ("f.txt", b"too small"),
-        ("g.png", huge.getvalue()), ("g.txt", b"too big"),
-        ("h.png", b""), ("h.txt", b"zero bytes"),
+        ("e.png", png()),
+        ("e.txt", b"\xff\xfe not utf-8"),
+        ("f.png", png((2, 2))),
+        ("f.txt", b"too small"),
+        ("g.png", huge.getvalue()),
+        ("g.txt", b"too big"),
+        ("h.png", b""),
+        ("h.txt", b"zero bytes"),
         ("i.txt", b"caption without image"),
-        ("j.png", png()), ("j.txt", b"x" * 5000),
-        ("k.png", png()), ("k.txt", b"ok"), ("k.json", b"[1, 2]"),
-        ("l.png", png()), ("l.txt", b"   \n  "),
+        ("j.png", png()),
+        ("j.txt", b"x" * 5000),
+        ("k.png", png()),
+        ("k.txt", b"ok"),
+        ("k.json", b"[1, 2]"),
+        ("l.png", png()),
+        ("l.txt", b"   \n  "),
         *good("a", "the same key again"),
         *good("m"),
     ]
@@ -145,9 +154,17 @@ def test_every_image_mode_is_accepted_and_gives_finite_features(
     assert result.rejected.height == 0
     assert result.accepted["key"].to_list() == ["plain", *MODES]
     assert dict(zip(result.accepted["key"], result.accepted["image_format"])) == {
-        "plain": "PNG", "cmyk": "JPEG", "grey16": "PNG", "palette": "PNG", "rgba": "PNG", "grey_alpha": "PNG", "grey": "PNG",
+        "plain": "PNG",
+        "cmyk": "JPEG",
+        "grey16": "PNG",
+        "palette": "PNG",
+        "rgba": "PNG",
+        "grey_alpha": "PNG",
+        "grey": "PNG",
     }
-    assert [Image.open(io.BytesIO(data)).mode for _, data, _ in MODES.values()] == [mode for _, _, mode in MODES.values()]
+    assert [Image.open(io.BytesIO(data)).mode for _, data, _ in MODES.values()] == [
+        mode for _, _, mode in MODES.values()
+    ]
 
     images = load_images(shard, result.accepted["key"].to_list())
     assert {image.mode for image in images} == {"RGB"}
@@ -195,7 +212,9 @@ def test_training_and_query_images_get_the_same_features_whatever_their_mode(
 
 def test_a_one_megabyte_caption_is_rejected_and_its_neighbours_kept(tmp_path: Path) -> None:
     caption = ("a very long caption " * 60_000)[: 1 << 20]
-    shard = write_tar(tmp_path / "00005.tar", good("before") + [("huge.png", png()), ("huge.txt", caption.encode())] + good("after"))
+    shard = write_tar(
+        tmp_path / "00005.tar", good("before") + [("huge.png", png()), ("huge.txt", caption.encode())] + good("after")
+    )
     result = ingest_shard(shard)
     assert result.accepted["key"].to_list() == ["before", "after"]
     assert result.rejected.select("key", "reason", "detail").rows() == [
@@ -246,7 +265,10 @@ def test_the_same_key_and_image_in_two_shards_are_two_training_images(tmp_path: 
 
 
 def samples(keys: list[str]) -> list[ShardSample]:
-    return [ShardSample(k, png(colour=(10 * i, 20, 30)), "png", [f"caption of {k}", f"second line of {k}"]) for i, k in enumerate(keys)]
+    return [
+        ShardSample(k, png(colour=(10 * i, 20, 30)), "png", [f"caption of {k}", f"second line of {k}"])
+        for i, k in enumerate(keys)
+    ]
 
 
 def test_a_parquet_that_disagrees_with_its_tar_is_reported_and_the_tar_ingested(tmp_path: Path) -> None:
@@ -289,11 +311,15 @@ def test_a_shard_without_parquet_or_with_a_broken_one_is_still_ingested(tmp_path
     (tmp_path / "00002.parquet").unlink()
     alone = ingest_shard(tar)
     assert alone.accepted.height == 2 and alone.parquet.agrees
-    assert alone.parquet.summary() == "no parquet beside the tar: nothing to compare (the tar alone is a complete shard)"
+    assert (
+        alone.parquet.summary() == "no parquet beside the tar: nothing to compare (the tar alone is a complete shard)"
+    )
 
 
 @pytest.fixture(scope="module")
-def copied_shard_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Home, dict[str, dg.ExecuteInProcessResult]]]:
+def copied_shard_runs(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Home, dict[str, dg.ExecuteInProcessResult]]]:
     """Shard 00001 (its parquet missing one key) ingested through Dagster, then 00002, a copy of its tar
     under the next number without a parquet: the accident the duplicate warning is for."""
     from gda_assets.corpus import build_training_images
@@ -348,7 +374,9 @@ def test_the_parquet_disagreement_is_a_warning_and_in_the_metadata(copied_shard_
     assert "keys only in the tar: 1 (first: k2)" in disagreeing.description
     assert without.passed and without.description.startswith("no parquet beside the tar")
     [materialization] = [
-        m for m in runs["00001"].asset_materializations_for_node("training_images") if m.asset_key == dg.AssetKey("training_images")
+        m
+        for m in runs["00001"].asset_materializations_for_node("training_images")
+        if m.asset_key == dg.AssetKey("training_images")
     ]
     assert materialization.metadata["parquet_disagreements"].value == 1
     assert materialization.metadata["dagster/row_count"].value == 3
@@ -367,13 +395,17 @@ def one_line_failure(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str
     return said[0]
 
 
-def test_an_unknown_profile_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_unknown_profile_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from gda_assets.factory import build_defs
 
     monkeypatch.setenv("GDA_PROFILE", "nope")
     image = tmp_path / "query.png"
     image.write_bytes(png())
-    line = one_line_failure(capsys, ["query", "--home", str(tmp_path), "--image", str(image), "--prompt", "a red square"])
+    line = one_line_failure(
+        capsys, ["query", "--home", str(tmp_path), "--image", str(image), "--prompt", "a red square"]
+    )
     assert line == "gda: unknown profile 'nope'; choose one of: tiny, demo, sd"
     with pytest.raises(UnknownProfileError, match="unknown profile 'nope'"):
         build_defs(home=Home(tmp_path))
@@ -389,7 +421,18 @@ def served_copy(served_home: ServedHome, tmp_path: Path) -> tuple[Home, Path]:
 
 
 def query(home: Home, image: Path, *extra: str) -> list[str]:
-    return ["query", "--home", str(home.root), "--profile", "tiny", "--image", str(image), "--prompt", "a red square", *extra]
+    return [
+        "query",
+        "--home",
+        str(home.root),
+        "--profile",
+        "tiny",
+        "--image",
+        str(image),
+        "--prompt",
+        "a red square",
+        *extra,
+    ]
 
 
 def test_an_embedder_for_other_encoders_is_one_line(served_copy, capsys: pytest.CaptureFixture[str]) -> None:
@@ -410,15 +453,23 @@ def test_a_query_top_k_below_one_is_one_line(served_copy, capsys: pytest.Capture
         assert line == f"gda: top_k must be an integer from 1 to 12, got {top_k}"
 
 
-def test_a_missing_encoder_folder_is_one_line(served_copy, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_missing_encoder_folder_is_one_line(
+    served_copy, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     home, image = served_copy
     nowhere = home.root / "no-such-model"
-    monkeypatch.setitem(PROFILES["tiny"], "encoders", {**PROFILES["tiny"]["encoders"], "image_backend": "hf", "image_model": str(nowhere)})
+    monkeypatch.setitem(
+        PROFILES["tiny"],
+        "encoders",
+        {**PROFILES["tiny"]["encoders"], "image_backend": "hf", "image_model": str(nowhere)},
+    )
     line = one_line_failure(capsys, query(home, image))
     assert line.startswith(f"gda: image model '{nowhere}' not found: not a local folder and not in the HF cache")
 
 
-def profile_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, resource: str, values: dict[str, object]) -> ValidationError:
+def profile_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, resource: str, values: dict[str, object]
+) -> ValidationError:
     """The error of building the definitions with ``values`` changed in the tiny profile's ``resource``."""
     from gda_assets.factory import build_defs
 
@@ -451,17 +502,29 @@ def test_a_k_below_one_is_one_line_through_the_cli(
     monkeypatch.setitem(PROFILES["tiny"], "teacher", {**PROFILES["tiny"]["teacher"], "k_candidates": -5})
     shards = tmp_path / "shards"
     write_tar(shards / "00000.tar", good("a"))
-    line = one_line_failure(capsys, ["ingest", "--home", str(tmp_path / "home"), "--profile", "tiny", "--shards", str(shards)])
-    assert line == "gda: invalid TeacherSettings settings: k_candidates: Input should be greater than or equal to 1 (got -5)"
+    line = one_line_failure(
+        capsys, ["ingest", "--home", str(tmp_path / "home"), "--profile", "tiny", "--shards", str(shards)]
+    )
+    assert (
+        line
+        == "gda: invalid TeacherSettings settings: k_candidates: Input should be greater than or equal to 1 (got -5)"
+    )
 
 
-def test_a_missing_model_folder_is_named_when_the_definitions_load(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_a_missing_model_folder_is_named_when_the_definitions_load(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     nowhere = tmp_path / "no-such-sd"
     error = profile_error(monkeypatch, tmp_path, "diffusion", {"kind": "pretrained", "pretrained_path": str(nowhere)})
     [problem] = error.errors()
     assert problem["loc"] == ("pretrained_path",)
-    assert problem["msg"] == f"Value error, pretrained_path {nowhere} is not a folder: point the setting at an existing model folder"
-    [problem] = profile_error(monkeypatch, tmp_path, "diffusion", {"kind": "pretrained", "pretrained_path": None}).errors()
+    assert (
+        problem["msg"]
+        == f"Value error, pretrained_path {nowhere} is not a folder: point the setting at an existing model folder"
+    )
+    [problem] = profile_error(
+        monkeypatch, tmp_path, "diffusion", {"kind": "pretrained", "pretrained_path": None}
+    ).errors()
     assert problem["msg"] == "Value error, kind 'pretrained' needs pretrained_path: a local Stable Diffusion folder"
 
 
@@ -469,7 +532,11 @@ def test_a_missing_model_folder_is_named_when_the_definitions_load(monkeypatch: 
 
 
 def python_sources() -> list[Path]:
-    return sorted(p for folder in ("gda", "gda_assets", "resources", "bench", "scripts", "sql") for p in (REPO / folder).rglob("*.py"))
+    return sorted(
+        p
+        for folder in ("gda", "gda_assets", "resources", "bench", "scripts", "sql")
+        for p in (REPO / folder).rglob("*.py")
+    )
 
 
 def keywords(call: ast.Call) -> dict[str, object]:
@@ -485,13 +552,23 @@ def test_no_code_unpickles_weights() -> None:
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             where = f"{path.relative_to(REPO)}:{getattr(node, 'lineno', 0)}"
             if isinstance(node, (ast.Import, ast.ImportFrom)):
-                names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
-                problems += [f"{where} imports {n}" for n in names if n.split(".")[0] in ("pickle", "dill", "joblib", "cloudpickle")]
+                names = [a.name for a in node.names] + (
+                    [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+                )
+                problems += [
+                    f"{where} imports {n}"
+                    for n in names
+                    if n.split(".")[0] in ("pickle", "dill", "joblib", "cloudpickle")
+                ]
             if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
                 continue
             owner = node.func.value.id if isinstance(node.func.value, ast.Name) else ""
             if node.func.attr == "load" and owner in ("torch", "np", "numpy"):
-                required = {"torch": ("weights_only", True), "np": ("allow_pickle", False), "numpy": ("allow_pickle", False)}[owner]
+                required = {
+                    "torch": ("weights_only", True),
+                    "np": ("allow_pickle", False),
+                    "numpy": ("allow_pickle", False),
+                }[owner]
                 if keywords(node).get(required[0]) is not required[1]:
                     problems.append(f"{where} {owner}.load without {required[0]}={required[1]}")
             if node.func.attr == "from_pretrained" and owner and not owner.endswith(not_weights):
@@ -520,7 +597,8 @@ def test_a_symlink_out_of_a_model_folder_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ModelPathError, match="outside its model folder") as raised:
         load_image_encoder(EncoderSpec(image_backend="hf", image_model=str(folder)))
     assert str(raised.value) == (
-        f"image model file 'model.safetensors' resolves to {secret}, outside its model folder {folder}; refusing to read it"
+        f"image model file 'model.safetensors' resolves to {secret}, outside its model folder {folder}; "
+        "refusing to read it"
     )
 
 
@@ -567,5 +645,7 @@ def test_a_cached_hub_snapshot_may_link_into_its_blobs(tmp_path: Path) -> None:
 def test_pickled_weights_alone_are_refused_before_loading(tmp_path: Path) -> None:
     folder = model_dir(tmp_path / "vit")
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
-    with pytest.raises(EncoderError, match=r"has no \.safetensors weights; pickled \.bin / \.pt weights are never loaded"):
+    with pytest.raises(
+        EncoderError, match=r"has no \.safetensors weights; pickled \.bin / \.pt weights are never loaded"
+    ):
         load_image_encoder(EncoderSpec(image_backend="hf", image_model=str(folder)))

@@ -25,6 +25,7 @@ import dagster as dg
 import duckdb
 import httpx
 import pytest
+from netkit import free_port
 
 from gda.audit import SPOOL_FILE
 from gda.corpus.icons import DemoCorpusSpec, build_demo_corpus
@@ -33,7 +34,6 @@ from gda.profiles import profile_values
 from gda_assets.factory import build_defs
 from gda_assets.partitions import query_batch_partitions
 from gda_assets.runner import open_instance, run_shards
-from netkit import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 LOCATION = "gda_assets.definitions"
@@ -71,7 +71,9 @@ def _spawn(argv: list[str], env: dict[str, str], output: Path) -> Child:
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with output.open("wb") as log:
-            process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            process = subprocess.Popen(
+                argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
     finally:
         signal.signal(signal.SIGINT, previous)
     return Child(process, output)
@@ -100,7 +102,9 @@ def _cli(argv: list[str], env: dict[str, str], output: Path) -> None:
     except subprocess.TimeoutExpired:
         _stop(child)
         pytest.fail(f"{' '.join(argv[:3])} did not finish within {CLI_TIMEOUT_S:g} s; its output ends:\n{child.tail()}")
-    assert child.process.returncode == 0, f"{' '.join(argv[:3])} exited with {child.process.returncode}:\n{child.tail()}"
+    assert child.process.returncode == 0, (
+        f"{' '.join(argv[:3])} exited with {child.process.returncode}:\n{child.tail()}"
+    )
 
 
 @dataclass
@@ -136,7 +140,9 @@ def _add_shards(home: Home, scratch: Path) -> None:
 
 
 def _executing(instance: dg.DagsterInstance, run_ids: list[str]) -> set[str]:
-    return {run.run_id for run in instance.get_runs(dg.RunsFilter(run_ids=run_ids, statuses=[dg.DagsterRunStatus.STARTED]))}
+    return {
+        run.run_id for run in instance.get_runs(dg.RunsFilter(run_ids=run_ids, statuses=[dg.DagsterRunStatus.STARTED]))
+    }
 
 
 def _query(reader: Reader, image: bytes, prompt: str, instance: dg.DagsterInstance, run_ids: list[str]) -> None:
@@ -149,7 +155,10 @@ def _query(reader: Reader, image: bytes, prompt: str, instance: dg.DagsterInstan
     requests = {
         "/health": lambda: httpx.get(f"{reader.url}/health", timeout=60),
         "/attribute": lambda: httpx.post(
-            f"{reader.url}/attribute", files={"image": ("query.png", image, "image/png")}, data={"prompt": prompt, "top_k": "3"}, timeout=60
+            f"{reader.url}/attribute",
+            files={"image": ("query.png", image, "image/png")},
+            data={"prompt": prompt, "top_k": "3"},
+            timeout=60,
         ),
     }
     for path, send in requests.items():
@@ -171,7 +180,10 @@ def _wait_for_port(child: Child, port: int) -> None:
             if probe.connect_ex(("127.0.0.1", port)) == 0:
                 return
         if time.monotonic() > deadline:
-            pytest.fail(f"the code server did not listen within {CODE_SERVER_START_TIMEOUT_S:g} s; its output ends:\n{child.tail()}")
+            pytest.fail(
+                f"the code server did not listen within {CODE_SERVER_START_TIMEOUT_S:g} s; its output "
+                f"ends:\n{child.tail()}"
+            )
         time.sleep(1)
 
 
@@ -181,7 +193,9 @@ def _backfill(child: Child, job: str, deadline: float) -> str:
         child.process.wait(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         pytest.fail(f"dagster job backfill -j {job} did not finish within {CLI_TIMEOUT_S:g} s:\n{child.tail()}")
-    assert child.process.returncode == 0, f"dagster job backfill -j {job} exited with {child.process.returncode}:\n{child.tail()}"
+    assert child.process.returncode == 0, (
+        f"dagster job backfill -j {job} exited with {child.process.returncode}:\n{child.tail()}"
+    )
     found = re.search(r"Launched backfill job `(\w+)`", child.output.read_text(errors="replace"))
     assert found, f"dagster job backfill -j {job} named no backfill:\n{child.tail()}"
     return found.group(1)
@@ -197,13 +211,18 @@ def outcome(demo_home: Home, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     batches = sorted(instance.get_dynamic_partitions(query_batch_partitions.name))[:N_BATCHES]
     assert len(batches) == N_BATCHES, f"the tiny demo home has query batches {batches}, fewer than {N_BATCHES}"
     with duckdb.connect(str(home.duckdb_path), read_only=True) as con:
-        prompt, image_path = con.execute("SELECT prompt, image_path FROM generated_queries ORDER BY query_id LIMIT 1").fetchone()
+        prompt, image_path = con.execute(
+            "SELECT prompt, image_path FROM generated_queries ORDER BY query_id LIMIT 1"
+        ).fetchone()
     image = (home.artifacts / image_path).read_bytes()
 
     # GDA_SHARDS would put a user's shards in the graph; a token would close the readers' API to the test.
     env = {key: value for key, value in os.environ.items() if key not in ("GDA_SHARDS", "GDA_API_TOKEN")} | {
-        "DAGSTER_HOME": str(home.dagster_home), "GDA_HOME": str(home.root), "GDA_PROFILE": "tiny",
-        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+        "DAGSTER_HOME": str(home.dagster_home),
+        "GDA_HOME": str(home.root),
+        "GDA_PROFILE": "tiny",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
     }
     bin_dir = Path(sys.executable).parent
     # One code server for the daemon and the CLI, as a deployment runs it: loading the definitions is the
@@ -211,17 +230,32 @@ def outcome(demo_home: Home, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     # machine delays the daemon's heartbeats.
     code_port = free_port()
     workspace = scratch / "workspace.yaml"
-    workspace.write_text(f"load_from:\n  - grpc_server:\n      host: 127.0.0.1\n      port: {code_port}\n      location_name: gda\n")
+    workspace.write_text(
+        f"load_from:\n  - grpc_server:\n      host: 127.0.0.1\n      port: {code_port}\n      location_name: gda\n"
+    )
     children: list[Child] = []
     try:
         code_server = _spawn(
-            [str(bin_dir / "dagster"), "api", "grpc", "-m", LOCATION, "-h", "127.0.0.1", "-p", str(code_port)], env, scratch / "code_server.log"
+            [str(bin_dir / "dagster"), "api", "grpc", "-m", LOCATION, "-h", "127.0.0.1", "-p", str(code_port)],
+            env,
+            scratch / "code_server.log",
         )
         children.append(code_server)
         readers = []
         for number in range(2):
             port = free_port()
-            argv = [sys.executable, "-m", "gda.cli", "serve", "--home", str(home.root), "--profile", "tiny", "--port", str(port)]
+            argv = [
+                sys.executable,
+                "-m",
+                "gda.cli",
+                "serve",
+                "--home",
+                str(home.root),
+                "--profile",
+                "tiny",
+                "--port",
+                str(port),
+            ]
             readers.append(Reader(f"http://127.0.0.1:{port}", _spawn(argv, env, scratch / f"serve{number}.log")))
         children += [reader.child for reader in readers]
         # While those start: the new shards are ingested and featurized first, as `gda ingest` would, because
@@ -231,20 +265,41 @@ def outcome(demo_home: Home, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         _wait_for_port(code_server, code_port)
         # Only the submitted runs may write: the automation sensor would launch the new shards' teacher data,
         # embeddings and index as well (the shard sensor finds nothing new and stays on).
-        _cli([str(bin_dir / "dagster"), "sensor", "stop", "automation", "-w", str(workspace)], env, scratch / "sensor_stop.log")
+        _cli(
+            [str(bin_dir / "dagster"), "sensor", "stop", "automation", "-w", str(workspace)],
+            env,
+            scratch / "sensor_stop.log",
+        )
 
         started_at = time.time()
         daemon = _spawn([str(bin_dir / "dagster-daemon"), "run", "-w", str(workspace)], env, scratch / "daemon.log")
         children.append(daemon)
         submitted = {
-            job: _spawn([str(bin_dir / "dagster"), "job", "backfill", "-j", job, "--partitions", ",".join(keys), "--noprompt", "-w", str(workspace)],
-                        env, scratch / f"{job}.log")
+            job: _spawn(
+                [
+                    str(bin_dir / "dagster"),
+                    "job",
+                    "backfill",
+                    "-j",
+                    job,
+                    "--partitions",
+                    ",".join(keys),
+                    "--noprompt",
+                    "-w",
+                    str(workspace),
+                ],
+                env,
+                scratch / f"{job}.log",
+            )
             for job, keys in ((SHARD_JOB, SHARDS), ("query_batch_job", batches))
         }
         children += submitted.values()
         deadline = time.monotonic() + CLI_TIMEOUT_S
         run_ids = {
-            job: [run.run_id for run in instance.get_runs(dg.RunsFilter(tags={"dagster/backfill": _backfill(child, job, deadline)}))]
+            job: [
+                run.run_id
+                for run in instance.get_runs(dg.RunsFilter(tags={"dagster/backfill": _backfill(child, job, deadline)}))
+            ]
             for job, child in submitted.items()
         }
         every_run = [run_id for ids in run_ids.values() for run_id in ids]
@@ -256,15 +311,24 @@ def outcome(demo_home: Home, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             if all(status in FINISHED for status in statuses.values()):
                 break
             if time.monotonic() > deadline:
-                pytest.fail(f"backfill runs not finished after {RUNS_TIMEOUT_S:g} s: "
-                            f"{ {run_id: status.value for run_id, status in statuses.items()} }; the daemon's output ends:\n{daemon.tail()}")
+                pytest.fail(
+                    f"backfill runs not finished after {RUNS_TIMEOUT_S:g} s: "
+                    f"{ {run_id: status.value for run_id, status in statuses.items()} }; the daemon's output "
+                    f"ends:\n{daemon.tail()}"
+                )
             for reader in readers:
                 if reader.child.process.poll() is not None:
-                    pytest.fail(f"gda serve at {reader.url} exited with {reader.child.process.returncode}:\n{reader.child.tail()}")
+                    pytest.fail(
+                        f"gda serve at {reader.url} exited with "
+                        f"{reader.child.process.returncode}:\n{reader.child.tail()}"
+                    )
                 _query(reader, image, prompt, instance, every_run)
             if not all(reader.ready for reader in readers) and time.monotonic() > serve_deadline:
                 late = [reader.url for reader in readers if not reader.ready]
-                pytest.fail(f"gda serve at {late} not answering /health {SERVE_START_TIMEOUT_S:g} s after the runs were submitted")
+                pytest.fail(
+                    f"gda serve at {late} not answering /health {SERVE_START_TIMEOUT_S:g} s after the runs were "
+                    "submitted"
+                )
             time.sleep(PACE_S)
         for child in reversed(children):  # the code server last: the daemon talks to it until it stops
             _stop(child)
@@ -278,23 +342,39 @@ def outcome(demo_home: Home, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 def test_every_backfill_run_ran_its_steps_in_child_processes_and_succeeded(outcome: Outcome) -> None:
     instance = open_instance(outcome.home)
-    partitions = {job: sorted(record.dagster_run.tags["dagster/partition"] for record in records) for job, records in outcome.runs.items()}
+    partitions = {
+        job: sorted(record.dagster_run.tags["dagster/partition"] for record in records)
+        for job, records in outcome.runs.items()
+    }
     assert partitions == {SHARD_JOB: SHARDS, "query_batch_job": outcome.batches}
     for records in outcome.runs.values():
         for record in records:
             run = record.dagster_run
-            assert run.status == dg.DagsterRunStatus.SUCCESS, f"{run.job_name} {run.tags['dagster/partition']} ended {run.status.value}"
+            assert run.status == dg.DagsterRunStatus.SUCCESS, (
+                f"{run.job_name} {run.tags['dagster/partition']} ended {run.status.value}"
+            )
             entries = [r.event_log_entry for r in instance.get_records_for_run(run.run_id).records]
             parents = [int(m.group(1)) for entry in entries if (m := MULTIPROCESS.search(entry.message or ""))]
             assert len(parents) == 1, f"run {run.run_id} did not use the multiprocess executor"
-            step_pids = [entry.dagster_event.pid for entry in entries if entry.dagster_event_type == dg.DagsterEventType.STEP_START]
-            assert step_pids and parents[0] not in step_pids, f"run {run.run_id} ran a step in its parent process {parents[0]}"
+            step_pids = [
+                entry.dagster_event.pid
+                for entry in entries
+                if entry.dagster_event_type == dg.DagsterEventType.STEP_START
+            ]
+            assert step_pids and parents[0] not in step_pids, (
+                f"run {run.run_id} ran a step in its parent process {parents[0]}"
+            )
     # Nothing else ran meanwhile (no sensor launched a run), and the runs did overlap in time.
     every_run = {record.dagster_run.run_id for records in outcome.runs.values() for record in records}
-    since = {run.run_id for run in instance.get_runs(dg.RunsFilter(created_after=datetime.fromtimestamp(outcome.started_at, UTC)))}
+    since = {
+        run.run_id
+        for run in instance.get_runs(dg.RunsFilter(created_after=datetime.fromtimestamp(outcome.started_at, UTC)))
+    }
     assert since == every_run
     spans = [(record.start_time, record.end_time) for records in outcome.runs.values() for record in records]
-    assert max(sum(start <= moment < end for start, end in spans) for moment, _ in spans) >= 2, f"the runs never overlapped: {spans}"
+    assert max(sum(start <= moment < end for start, end in spans) for moment, _ in spans) >= 2, (
+        f"the runs never overlapped: {spans}"
+    )
 
 
 def test_no_lock_error_in_any_event_or_in_any_processs_output(outcome: Outcome) -> None:
@@ -303,8 +383,13 @@ def test_no_lock_error_in_any_event_or_in_any_processs_output(outcome: Outcome) 
         for record in records:
             for event in instance.get_records_for_run(record.dagster_run.run_id).records:
                 text = dg.serialize_value(event.event_log_entry)
-                assert not any(error in text for error in LOCK_ERRORS), f"lock error in run {record.dagster_run.run_id}: {text[:2000]}"
-    for text in (*outcome.dagster_outputs, *(reader.child.output.read_text(errors="replace") for reader in outcome.readers)):
+                assert not any(error in text for error in LOCK_ERRORS), (
+                    f"lock error in run {record.dagster_run.run_id}: {text[:2000]}"
+                )
+    for text in (
+        *outcome.dagster_outputs,
+        *(reader.child.output.read_text(errors="replace") for reader in outcome.readers),
+    ):
         assert not any(error in text for error in LOCK_ERRORS), text[-4000:]
 
 
@@ -313,27 +398,38 @@ def test_every_partitions_rows_are_stored_exactly_once(outcome: Outcome) -> None
     written: dict[tuple[str, str], int] = {}
     for records in outcome.runs.values():
         for record in records:
-            for event in instance.get_records_for_run(record.dagster_run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records:
+            for event in instance.get_records_for_run(
+                record.dagster_run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION
+            ).records:
                 materialization = event.asset_materialization
                 if "dagster/row_count" in materialization.metadata:
-                    written[(materialization.asset_key.to_user_string(), materialization.partition)] = materialization.metadata["dagster/row_count"].value
+                    written[(materialization.asset_key.to_user_string(), materialization.partition)] = (
+                        materialization.metadata["dagster/row_count"].value
+                    )
     with duckdb.connect(str(outcome.home.duckdb_path), read_only=True) as con:
         for shard in SHARDS:
-            rows, ids = con.execute("SELECT count(*), count(DISTINCT id) FROM training_images WHERE shard = ?", [shard]).fetchone()
+            rows, ids = con.execute(
+                "SELECT count(*), count(DISTINCT id) FROM training_images WHERE shard = ?", [shard]
+            ).fetchone()
             assert rows == ids == written[("training_images", shard)] > 0, f"shard {shard}: {rows} rows, {ids} ids"
         rows, ids = con.execute("SELECT count(*), count(DISTINCT id) FROM training_images").fetchone()
         assert rows == ids
         for batch in outcome.batches:
-            rows, ids = con.execute("SELECT count(*), count(DISTINCT query_id) FROM generated_queries WHERE batch = ?", [batch]).fetchone()
+            rows, ids = con.execute(
+                "SELECT count(*), count(DISTINCT query_id) FROM generated_queries WHERE batch = ?", [batch]
+            ).fetchone()
             prompts = con.execute("SELECT count(*) FROM query_prompts WHERE batch = ?", [batch]).fetchone()[0]
-            assert rows == ids == prompts == written[("generated_queries", batch)] > 0, f"batch {batch}: {rows} rows, {ids} ids, {prompts} prompts"
+            assert rows == ids == prompts == written[("generated_queries", batch)] > 0, (
+                f"batch {batch}: {rows} rows, {ids} ids, {prompts} prompts"
+            )
 
 
 def test_both_readers_answered_during_the_writes_and_logged_each_answer_once(outcome: Outcome) -> None:
     for reader in outcome.readers:
         assert set(reader.statuses) == {200}, f"gda serve at {reader.url} answered {reader.statuses}"
         assert reader.during_runs["/health"] and reader.during_runs["/attribute"], (
-            f"gda serve at {reader.url} answered while runs executed only {dict(reader.during_runs)}")
+            f"gda serve at {reader.url} answered while runs executed only {dict(reader.during_runs)}"
+        )
     spool = outcome.home.root / SPOOL_FILE
     spooled = sum(1 for line in spool.read_text().splitlines() if line.strip()) if spool.exists() else 0
     with duckdb.connect(str(outcome.home.duckdb_path), read_only=True) as con:

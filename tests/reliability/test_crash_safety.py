@@ -74,7 +74,11 @@ def copy_home(demo_home: Home, tmp_path: Path) -> Home:
 def run_killed(home: Home, assets: list[str], partition: str | None, kill_at: str | Path) -> None:
     result = subprocess.run(
         [sys.executable, "-c", KILL_SCRIPT, str(home.root), ",".join(assets), partition or "", str(kill_at)],
-        check=False, cwd=REPO, capture_output=True, text=True, timeout=600,
+        check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
 
@@ -82,7 +86,8 @@ def run_killed(home: Home, assets: list[str], partition: str | None, kill_at: st
 def slots_held(instance: dg.DagsterInstance, run_id: str) -> set[str]:
     storage = instance.event_log_storage
     return {
-        pool for pool in storage.get_concurrency_keys()
+        pool
+        for pool in storage.get_concurrency_keys()
         if any(slot.run_id == run_id for slot in storage.get_concurrency_info(pool).claimed_slots)
     }
 
@@ -104,7 +109,9 @@ def settle_killed_run(home: Home, pool: str | None) -> dg.DagsterInstance:
 def rerun(instance: dg.DagsterInstance, home: Home, assets: list[str], partition: str | None) -> None:
     keys = [dg.AssetKey(name) for name in assets]
     job = build_defs(home=home, profile="tiny").resolve_implicit_job_def_def_for_assets(keys)
-    result = job.execute_in_process(instance=instance, partition_key=partition, asset_selection=keys, raise_on_error=False)
+    result = job.execute_in_process(
+        instance=instance, partition_key=partition, asset_selection=keys, raise_on_error=False
+    )
     assert result.success
 
 
@@ -116,7 +123,9 @@ def partition_rows(home: Home, table: str, column: str, key: str) -> pl.DataFram
 def partition_counts(home: Home, table: str, column: str, unique: str) -> dict[str, tuple[int, int]]:
     """Per partition: rows, and distinct values of the columns ``unique`` that identify a row."""
     with duckdb.connect(str(home.duckdb_path), read_only=True) as con:
-        rows = con.execute(f"SELECT {column}, count(*), count(DISTINCT ({unique})) FROM {table} GROUP BY ALL").fetchall()
+        rows = con.execute(
+            f"SELECT {column}, count(*), count(DISTINCT ({unique})) FROM {table} GROUP BY ALL"
+        ).fetchall()
     return {key: (count, distinct) for key, count, distinct in rows}
 
 
@@ -128,7 +137,9 @@ def leftovers(home: Home) -> list[str]:
     """Hidden entries under the artifact root (temp files, staging or superseded folders), other than the
     version folders that published names link to."""
     published = {os.readlink(path) for path in home.artifacts.iterdir() if path.is_symlink()}
-    return sorted(str(path.relative_to(home.artifacts)) for path in home.artifacts.rglob(".*") if path.name not in published)
+    return sorted(
+        str(path.relative_to(home.artifacts)) for path in home.artifacts.rglob(".*") if path.name not in published
+    )
 
 
 def assert_serves(home: Home) -> None:
@@ -235,6 +246,8 @@ def test_killed_before_the_index_is_renamed_keeps_the_old_index(demo_home: Home,
     assert_serves(home)
     rerun(settle_killed_run(home, None), home, ["attribution_index"], None)
     rebuilt = load_index(path)
-    assert rebuilt.faiss_index.ntotal == manifest.count == sum(entry.count for entry in rebuilt.manifest.shards.values())
+    assert (
+        rebuilt.faiss_index.ntotal == manifest.count == sum(entry.count for entry in rebuilt.manifest.shards.values())
+    )
     assert rebuilt.manifest.shards == manifest.shards
     assert leftovers(home) == []

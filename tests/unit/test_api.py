@@ -16,8 +16,8 @@ import duckdb
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-
 from servicekit import QUERIES, ServedHome
+
 from gda import cli
 from gda.api import create_app
 from gda.service import AttributionEngine, GeneratedQuery, open_engine
@@ -53,7 +53,19 @@ def test_cli_and_http_give_the_same_answer_and_both_are_logged(
     prompt = "a black square for the cli and http test"
     started = datetime.now(UTC).replace(tzinfo=None)
 
-    argv = ["query", "--home", str(served_home.home.root), "--profile", "tiny", "--image", str(image_path), "--prompt", prompt, "--top-k", "6"]
+    argv = [
+        "query",
+        "--home",
+        str(served_home.home.root),
+        "--profile",
+        "tiny",
+        "--image",
+        str(image_path),
+        "--prompt",
+        prompt,
+        "--top-k",
+        "6",
+    ]
     assert cli.main([*argv, "--json"]) == 0
     from_cli = json.loads(capsys.readouterr().out)
     response = post(client, served_home.images[train_id], prompt, 6)
@@ -61,10 +73,18 @@ def test_cli_and_http_give_the_same_answer_and_both_are_logged(
     from_http = response.json()
 
     assert [r["train_id"] for r in from_cli["results"]] == [r["train_id"] for r in from_http["results"]]
-    assert [r["score"] for r in from_cli["results"]] == pytest.approx([r["score"] for r in from_http["results"]], abs=1e-6)
-    assert from_cli["versions"] == from_http["versions"] == {
-        "model": served_home.model_version, "embedder": served_home.embedder_version, "index": served_home.index_version
-    }
+    assert [r["score"] for r in from_cli["results"]] == pytest.approx(
+        [r["score"] for r in from_http["results"]], abs=1e-6
+    )
+    assert (
+        from_cli["versions"]
+        == from_http["versions"]
+        == {
+            "model": served_home.model_version,
+            "embedder": served_home.embedder_version,
+            "index": served_home.index_version,
+        }
+    )
     assert from_cli["image_sha256"] == from_http["image_sha256"]
     assert [r["rank"] for r in from_http["results"]] == [1, 2, 3, 4, 5, 6]
 
@@ -73,7 +93,9 @@ def test_cli_and_http_give_the_same_answer_and_both_are_logged(
     for row, answer in zip(rows, (from_cli, from_http)):
         assert row["train_ids"] == [r["train_id"] for r in answer["results"]]
         assert row["scores"] == pytest.approx([r["score"] for r in answer["results"]])
-        assert (row["model_version"], row["embedder_version"], row["index_version"]) == tuple(answer["versions"].values())
+        assert (row["model_version"], row["embedder_version"], row["index_version"]) == tuple(
+            answer["versions"].values()
+        )
         assert (row["image_sha256"], row["top_k"]) == (answer["image_sha256"], 6)
 
     # `gda audit` finds these answers by image, by prompt, by source over a period and by version.
@@ -109,7 +131,11 @@ def test_training_images_and_health(served_home: ServedHome, client: TestClient)
     train_id = served_home.ids[2]
     body = client.get(f"/training-images/{train_id}").json()
     assert base64.b64decode(body.pop("image_base64")) == served_home.images[train_id]
-    assert body["id"] == train_id and body["media_type"] == "image/png" and body["caption"] == served_home.captions[train_id]
+    assert (
+        body["id"] == train_id
+        and body["media_type"] == "image/png"
+        and body["caption"] == served_home.captions[train_id]
+    )
     raw = client.get(f"/training-images/{train_id}/image")
     assert raw.status_code == 200 and raw.content == served_home.images[train_id]
     assert raw.headers["content-type"] == "image/png"
@@ -117,7 +143,11 @@ def test_training_images_and_health(served_home: ServedHome, client: TestClient)
     assert health == {
         "status": "ok",
         "detail": None,
-        "versions": {"model": served_home.model_version, "embedder": served_home.embedder_version, "index": served_home.index_version},
+        "versions": {
+            "model": served_home.model_version,
+            "embedder": served_home.embedder_version,
+            "index": served_home.index_version,
+        },
         "indexed": 12,
         "max_top_k": 12,
     }
@@ -146,13 +176,24 @@ def test_the_explorer_page_and_the_generated_test_queries(
         answer = client.get(f"/queries/{unknown}/image")
         assert (answer.status_code, answer.json()) == (404, {"detail": f"no generated test query with id {unknown}"})
 
-    parts = (engine.embedder, engine.index, engine.image_encoder, engine.text_encoder, engine.metadata, engine.shards, "m")
+    parts = (
+        engine.embedder,
+        engine.index,
+        engine.image_encoder,
+        engine.text_encoder,
+        engine.metadata,
+        engine.shards,
+        "m",
+    )
     with AttributionEngine(*parts) as without_home:
         assert TestClient(create_app(without_home)).get("/queries").json() == []
     gone = GeneratedQuery(7, "a lost query", tmp_path / "gone.png")
     with AttributionEngine(*parts, test_queries=[gone]) as lost:
         answer = TestClient(create_app(lost)).get("/queries/7/image")
-        assert answer.status_code == 503 and "gone.png is missing: re-materialize generated_queries" in answer.json()["detail"]
+        assert (
+            answer.status_code == 503
+            and "gone.png is missing: re-materialize generated_queries" in answer.json()["detail"]
+        )
 
 
 def bomb() -> bytes:
@@ -161,7 +202,9 @@ def bomb() -> bytes:
     return buffer.getvalue()
 
 
-def test_bad_requests_get_4xx_with_a_clear_detail(served_home: ServedHome, engine: AttributionEngine, client: TestClient) -> None:
+def test_bad_requests_get_4xx_with_a_clear_detail(
+    served_home: ServedHome, engine: AttributionEngine, client: TestClient
+) -> None:
     image = served_home.images[served_home.ids[0]]
 
     def refused(response, status: int, detail: str) -> None:
@@ -185,21 +228,28 @@ def test_bad_requests_get_4xx_with_a_clear_detail(served_home: ServedHome, engin
     assert len(buffer.getvalue()) > 2000
     refused(post(small, buffer.getvalue(), "noise"), 413, "over the upload limit of 2000 bytes")
     boundary = "gdaboundary"
-    chunks = [f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"q.png\"\r\n\r\n".encode()]
+    chunks = [f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="q.png"\r\n\r\n'.encode()]
     chunks += [buffer.getvalue()[i : i + 500] for i in range(0, len(buffer.getvalue()), 500)]
-    chunked = small.post("/attribute", content=iter(chunks), headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    chunked = small.post(
+        "/attribute", content=iter(chunks), headers={"content-type": f"multipart/form-data; boundary={boundary}"}
+    )
     refused(chunked, 413, "over the upload limit of 2000 bytes")  # no Content-Length: stopped while reading
     assert post(small, image, "a red square", 2).status_code == 200
 
     stale = replace(engine.index, manifest=replace(engine.index.manifest, embedder_version="0123456789ab"))
-    with AttributionEngine(engine.embedder, stale, engine.image_encoder, engine.text_encoder, engine.metadata, engine.shards, "m") as refusing:
+    with AttributionEngine(
+        engine.embedder, stale, engine.image_encoder, engine.text_encoder, engine.metadata, engine.shards, "m"
+    ) as refusing:
         stale_client = TestClient(create_app(refusing))
         refused(post(stale_client, image, "a red square"), 409, "re-materialize attribution_index")
         assert stale_client.get("/health").json()["status"] == "refusing"
 
 
 def test_the_app_logs_as_http_only(engine: AttributionEngine, served_home: ServedHome) -> None:
-    with open_engine(served_home.home, "tiny", interface="cli") as cli_engine, pytest.raises(ValueError, match="interface 'http'"):
+    with (
+        open_engine(served_home.home, "tiny", interface="cli") as cli_engine,
+        pytest.raises(ValueError, match="interface 'http'"),
+    ):
         create_app(cli_engine)
 
 
@@ -209,8 +259,23 @@ def test_cli_errors_are_one_line(served_home: ServedHome, tmp_path: Path, capsys
     common = ["--profile", "tiny", "--image", str(image_path), "--prompt", "a red square"]
     cases = [
         (["query", "--home", str(tmp_path / "nothing"), *common], "materialize attribution_embedder first"),
-        (["query", "--home", str(served_home.home.root), *common, "--top-k", "0"], "top_k must be an integer from 1 to 12"),
-        (["query", "--home", str(served_home.home.root), *common[:2], "--image", str(tmp_path / "missing.png"), "--prompt", "x"], "missing.png"),
+        (
+            ["query", "--home", str(served_home.home.root), *common, "--top-k", "0"],
+            "top_k must be an integer from 1 to 12",
+        ),
+        (
+            [
+                "query",
+                "--home",
+                str(served_home.home.root),
+                *common[:2],
+                "--image",
+                str(tmp_path / "missing.png"),
+                "--prompt",
+                "x",
+            ],
+            "missing.png",
+        ),
     ]
     for argv, message in cases:
         assert cli.main(argv) == 2
@@ -226,7 +291,9 @@ def test_serve_runs_the_app_on_loopback(served_home: ServedHome, monkeypatch: py
     def fake_run(app, host: str, port: int) -> None:
         seen.update(host=host, port=port, health=TestClient(app).get("/health").json()["status"])
         small = TestClient(app)
-        seen["limit"] = small.post("/attribute", files={"image": ("q.png", b"x" * 3 * 2**20, "image/png")}, data={"prompt": "p"}).status_code
+        seen["limit"] = small.post(
+            "/attribute", files={"image": ("q.png", b"x" * 3 * 2**20, "image/png")}, data={"prompt": "p"}
+        ).status_code
 
     monkeypatch.setattr(uvicorn, "run", fake_run)
     monkeypatch.delenv("GDA_API_TOKEN", raising=False)  # with a token: tests/reliability/test_api_hardening.py

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import gda.attribution_index as attribution_index
-from gda.arrays import IdArray, save as save_array
+from gda.arrays import IdArray
+from gda.arrays import save as save_array
 from gda.attribution_index import load_index, save_index, search, update_index
 from gda.corpus.shards import image_id
 from gda.index import SearchSettings
@@ -33,7 +34,9 @@ def queries(n: int = 8) -> np.ndarray:
     return unit(np.random.default_rng(99), n)
 
 
-def assert_same_answers(a: attribution_index.AttributionIndex, b: attribution_index.AttributionIndex, k: int = 10) -> None:
+def assert_same_answers(
+    a: attribution_index.AttributionIndex, b: attribution_index.AttributionIndex, k: int = 10
+) -> None:
     ids_a, scores_a = search(a, queries(), k)
     ids_b, scores_b = search(b, queries(), k)
     np.testing.assert_array_equal(ids_a, ids_b)

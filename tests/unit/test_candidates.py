@@ -42,7 +42,16 @@ def test_candidates_are_the_exact_cosine_top_k() -> None:
 def test_ivf_index_finds_nearly_the_same_neighbours_and_k_is_capped() -> None:
     ids, train, query_ids, queries = _data(n=2000)
     exact = candidates(ids, train, query_ids, queries, k=10, n_negatives=0, seed=0)
-    ivf = candidates(ids, train, query_ids, queries, k=10, n_negatives=0, seed=0, settings=SearchSettings(ivf_above=100, nlist=16, nprobe=16))
+    ivf = candidates(
+        ids,
+        train,
+        query_ids,
+        queries,
+        k=10,
+        n_negatives=0,
+        seed=0,
+        settings=SearchSettings(ivf_above=100, nlist=16, nprobe=16),
+    )
     overlap = len(set(zip(exact["query_id"], exact["train_id"])) & set(zip(ivf["query_id"], ivf["train_id"])))
     assert overlap == exact.height  # nprobe = nlist searches every list: exact
     small = candidates(ids[:5], train[:5], query_ids, queries, k=10, n_negatives=3, seed=0)

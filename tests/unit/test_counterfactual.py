@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+
 import numpy as np
 import polars as pl
 import pytest
@@ -91,13 +92,15 @@ def test_removing_images_changes_the_model_and_the_query(data: cf.TrainingSet, t
 
 
 def test_summary_pairs_each_method_with_random_on_the_same_queries() -> None:
-    rows = pl.DataFrame({
-        "method": ["random", "random", "teacher", "teacher", "distilled"],
-        "k": [10] * 5,
-        "query_id": [1, 2, 1, 2, 1],
-        "delta_loss": [0.001, 0.003, 0.004, 0.010, 0.002],
-        "pixel_mse": [0.01, 0.02, 0.03, 0.05, 0.02],
-    })
+    rows = pl.DataFrame(
+        {
+            "method": ["random", "random", "teacher", "teacher", "distilled"],
+            "k": [10] * 5,
+            "query_id": [1, 2, 1, 2, 1],
+            "delta_loss": [0.001, 0.003, 0.004, 0.010, 0.002],
+            "pixel_mse": [0.01, 0.02, 0.03, 0.05, 0.02],
+        }
+    )
     table = cf.summary(rows)
     assert table["method"].to_list() == ["random", "distilled", "teacher"]
     teacher = table.filter(pl.col("method") == "teacher").row(0, named=True)
@@ -110,4 +113,3 @@ def test_summary_pairs_each_method_with_random_on_the_same_queries() -> None:
     assert math.isnan(distilled["delta_loss_se"])
     text = cf.markdown_table(table)
     assert "| teacher | 10 | 2 | 7.000 ± 3.000 | 5.000 ± 2.000 | 40.000 ± 10.000 |" in text
-

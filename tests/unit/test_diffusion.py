@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from sdkit import write_tiny_stable_diffusion
 
 from gda.diffusion import (
@@ -108,8 +107,11 @@ def test_v_prediction_model_trains_on_velocity() -> None:
     draws = make_draws([0, 1], [0], seed=0, sample_shape=bundle.sample_shape, timesteps=[999])
     with torch.no_grad():
         loss = draw_losses(bundle, images, states, draws)
-        predicted = bundle.unet(bundle.scheduler.add_noise(images, draws.noise[:, 0], draws.timesteps[:, 0]),
-                                draws.timesteps[:, 0], encoder_hidden_states=states).sample
+        predicted = bundle.unet(
+            bundle.scheduler.add_noise(images, draws.noise[:, 0], draws.timesteps[:, 0]),
+            draws.timesteps[:, 0],
+            encoder_hidden_states=states,
+        ).sample
     # At t = 999 the velocity is almost -x0, far from the noise an eps target would use.
     v_loss = (predicted - bundle.scheduler.get_velocity(images, draws.noise[:, 0], draws.timesteps[:, 0])).pow(2)
     assert torch.allclose(loss[:, 0], v_loss.mean(dim=(1, 2, 3)), atol=1e-6)
@@ -180,7 +182,9 @@ def test_prompt_states_do_not_depend_on_the_batch(scratch: DiffusionBundle) -> N
 
 def _only_safetensors(folder: Path) -> bool:
     files = [p.name for p in folder.rglob("*") if p.is_file()]
-    return any(f.endswith(".safetensors") for f in files) and not any(f.endswith((".bin", ".pt", ".pth")) for f in files)
+    return any(f.endswith(".safetensors") for f in files) and not any(
+        f.endswith((".bin", ".pt", ".pth")) for f in files
+    )
 
 
 def test_scratch_save_load_reproduces_the_loss(scratch: DiffusionBundle, tmp_path: Path) -> None:

@@ -169,8 +169,8 @@ def test_ekfac_matches_a_dense_brute_force() -> None:
     grads, a_rows, g_rows = [], [], []
     for i in range(n):
         model.zero_grad()
-        captured = {}
-        handle = model.lin.register_forward_hook(lambda m, inp, out: captured.update(a=inp[0], out=out))
+        captured: dict[str, torch.Tensor] = {}
+        handle = model.lin.register_forward_hook(lambda m, inp, out, c=captured: c.update(a=inp[0], out=out))
         loss = loss_fn(torch.tensor([i]))
         handle.remove()
         (g_out,) = torch.autograd.grad(loss, captured["out"], retain_graph=True)

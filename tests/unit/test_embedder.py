@@ -62,7 +62,10 @@ def synthetic(seed: int) -> Synthetic:
 
     def features(n: int) -> tuple[np.ndarray, np.ndarray]:
         unit = np.hstack([unit_rows(rng.normal(size=(n, IMAGE))), unit_rows(rng.normal(size=(n, TEXT)))])
-        magnitude = np.repeat(rng.uniform(0.5, 5, size=(n, 1)), IMAGE, 1), np.repeat(rng.uniform(0.2, 2, size=(n, 1)), TEXT, 1)
+        magnitude = (
+            np.repeat(rng.uniform(0.5, 5, size=(n, 1)), IMAGE, 1),
+            np.repeat(rng.uniform(0.2, 2, size=(n, 1)), TEXT, 1),
+        )
         return unit, (unit * np.hstack(magnitude)).astype(np.float32)
 
     query_unit, query_features = features(N_QUERIES)
@@ -115,7 +118,9 @@ def trained(data: Synthetic) -> tuple[Embedder, list[EpochRecord]]:
     return train_embedder(config, data.query_features, data.train_features, data.fit, validation)
 
 
-def faiss_rankings(data: Synthetic, query_embeddings: np.ndarray, train_embeddings: np.ndarray) -> dict[int, np.ndarray]:
+def faiss_rankings(
+    data: Synthetic, query_embeddings: np.ndarray, train_embeddings: np.ndarray
+) -> dict[int, np.ndarray]:
     """Held-out queries' candidate rows in the order of a plain max-inner-product FAISS search over all items."""
     searched = index.build(np.arange(N_TRAIN), train_embeddings)
     queries = np.unique(data.held_out.query_rows)
@@ -179,9 +184,11 @@ def test_inner_product_search_returns_the_lowest_logit_first(scale: float) -> No
     items = rng.normal(size=(50, IMAGE + TEXT)).astype(np.float32)
     found, _ = index.search(index.build(np.arange(50), model.embed_training(items)), model.embed_queries(queries), 50)
     with torch.no_grad():
-        logits = model(
-            torch.from_numpy(np.repeat(queries, 50, axis=0)), torch.from_numpy(np.tile(items, (4, 1)))
-        ).view(4, 50).numpy()
+        logits = (
+            model(torch.from_numpy(np.repeat(queries, 50, axis=0)), torch.from_numpy(np.tile(items, (4, 1))))
+            .view(4, 50)
+            .numpy()
+        )
     for q in range(4):
         in_search_order = logits[q, found[q]]
         assert np.all(np.diff(in_search_order) >= -1e-5)
@@ -196,7 +203,11 @@ def test_student_recovers_a_synthetic_teacher(data: Synthetic, trained: tuple[Em
     assert history[-1].val_loss is not None and history[-1].val_loss < history[0].val_loss
 
     teacher, _ = teacher_and_embedder_rankings(model, data.query_features, data.train_features, data.held_out)
-    student = map_at(teacher, faiss_rankings(data, model.embed_queries(data.query_features), model.embed_training(data.train_features)), L)
+    student = map_at(
+        teacher,
+        faiss_rankings(data, model.embed_queries(data.query_features), model.embed_training(data.train_features)),
+        L,
+    )
     assert student.mean == pytest.approx(history[-1].val_map, abs=1e-6)  # FAISS search = the trainer's ranking
     raw = map_at(teacher, {q: rows[np.argsort(-data.raw_cosine[q, rows])] for q, rows in teacher.items()}, L)
     random = random_average_precision(K, L)
@@ -205,11 +216,17 @@ def test_student_recovers_a_synthetic_teacher(data: Synthetic, trained: tuple[Em
     assert student.mean > raw.mean + 0.2
 
 
-def test_the_opposite_direction_ranks_worse_than_random(data: Synthetic, trained: tuple[Embedder, list[EpochRecord]]) -> None:
+def test_the_opposite_direction_ranks_worse_than_random(
+    data: Synthetic, trained: tuple[Embedder, list[EpochRecord]]
+) -> None:
     # Ranking by +s·cos (the prototype's bug) puts the least influential first.
     model, history = trained
     teacher, _ = teacher_and_embedder_rankings(model, data.query_features, data.train_features, data.held_out)
-    flipped = map_at(teacher, faiss_rankings(data, -model.embed_queries(data.query_features), model.embed_training(data.train_features)), L)
+    flipped = map_at(
+        teacher,
+        faiss_rankings(data, -model.embed_queries(data.query_features), model.embed_training(data.train_features)),
+        L,
+    )
     assert flipped.mean < random_average_precision(K, L)
     assert flipped.mean < history[-1].val_map / 5
 
@@ -268,5 +285,7 @@ def test_features_of_another_width_are_one_clear_error() -> None:
     model = Embedder(SMALL)
     wrong = np.zeros((3, SMALL.input_dim + 5), dtype=np.float32)
     for embed in (model.embed_queries, model.embed_training):
-        with pytest.raises(ValueError, match=f"features have {SMALL.input_dim + 5} columns but the embedder takes {SMALL.input_dim}"):
+        with pytest.raises(
+            ValueError, match=f"features have {SMALL.input_dim + 5} columns but the embedder takes {SMALL.input_dim}"
+        ):
             embed(wrong)

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hfkit import save_clip_text_model, save_image_model
 from PIL import Image, ImageDraw
 
 from gda.encoders import EncoderError, EncoderSpec, load_image_encoder, load_text_encoder
-from hfkit import save_clip_text_model, save_image_model
 
 PROMPTS = ["a red cat", "a red kitten", "a blue truck", "", "a long prompt " * 20, "x", "two dogs", "sky"]
 
@@ -22,7 +22,9 @@ def scene(size: int) -> Image.Image:
     draw = ImageDraw.Draw(image)
     s = size / 100
     draw.ellipse([60 * s, 10 * s, 85 * s, 35 * s], fill=(250, 210, 40))
-    draw.polygon([(0, 100 * s), (0, 60 * s), (40 * s, 45 * s), (100 * s, 70 * s), (100 * s, 100 * s)], fill=(40, 140, 50))
+    draw.polygon(
+        [(0, 100 * s), (0, 60 * s), (40 * s, 45 * s), (100 * s, 70 * s), (100 * s, 100 * s)], fill=(40, 140, 50)
+    )
     return image
 
 

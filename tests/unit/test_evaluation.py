@@ -27,7 +27,13 @@ def test_rank_table_against_hand_computed_average_precision() -> None:
     table = rank_table(teacher, {"distilled": method}, [2])
     # query 1: positives {1, 2} at positions 1 and 3 -> (1/1 + 2/3) / 2; query 2: {4, 3} at 1 and 3 -> the same.
     expected = (1 + 2 / 3) / 2
-    assert table.row(0, named=True) == {"method": "distilled", "L": 2, "map": pytest.approx(expected), "se": 0.0, "n_queries": 2}
+    assert table.row(0, named=True) == {
+        "method": "distilled",
+        "L": 2,
+        "map": pytest.approx(expected),
+        "se": 0.0,
+        "n_queries": 2,
+    }
     assert by_level(table, "map") == {"L=2": {"distilled": pytest.approx(expected)}}
     assert "| distilled | 0.833 ± 0.000 |" in markdown_table(table)
 

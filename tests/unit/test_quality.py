@@ -19,7 +19,7 @@ def rendered() -> tuple[list[Image.Image], list[str], list[str]]:
     rng = np.random.default_rng(0)
     glyphs = icons._choose_icons(rng, 4, icons._layout(16, "small", "centre")[0])
     images, fgs, bgs = [], [], []
-    for k, (fg, bg) in enumerate((fg, bg) for fg in COLOUR_NAMES for bg in allowed_backgrounds(fg)):
+    for k, (fg, bg) in enumerate((f, b) for f in COLOUR_NAMES for b in allowed_backgrounds(f)):
         scale = ("large", "small")[k % 2]
         position = "centre" if scale == "large" else icons.POSITIONS[k % len(icons.POSITIONS)]
         look = IconImage(glyphs[k % len(glyphs)], fg, bg, scale, position)

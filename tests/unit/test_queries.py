@@ -11,7 +11,9 @@ from gda.queries import QueryCounts, heldout_candidates, plan_queries, query_see
 
 
 def _candidates(n: int) -> pl.DataFrame:
-    return pl.DataFrame({"prompt": [f"prompt {i}" for i in range(n)], "extra": [json.dumps({"i": i}) for i in range(n)]})
+    return pl.DataFrame(
+        {"prompt": [f"prompt {i}" for i in range(n)], "extra": [json.dumps({"i": i}) for i in range(n)]}
+    )
 
 
 def test_splits_are_disjoint_sized_and_batched() -> None:
@@ -21,7 +23,15 @@ def test_splits_are_disjoint_sized_and_batched() -> None:
     assert plan["prompt"].n_unique() == plan.height == 47
     assert plan["query_id"].to_list() == list(range(47))
     batches = dict(plan.group_by("batch").len().iter_rows())
-    assert batches == {"test-000": 8, "test-001": 4, "val-000": 5, "train-000": 8, "train-001": 8, "train-002": 8, "train-003": 6}
+    assert batches == {
+        "test-000": 8,
+        "test-001": 4,
+        "val-000": 5,
+        "train-000": 8,
+        "train-001": 8,
+        "train-002": 8,
+        "train-003": 6,
+    }
     assert all(b.startswith(s) for b, s in zip(plan["batch"], plan["split"]))
     assert plan["seed"].to_list() == [query_seed(3, q) for q in range(47)]
     # The same plan twice, and a different one for another seed.

@@ -51,7 +51,9 @@ def test_labels_are_rank_over_n_candidates() -> None:
     assert len(pairs.labels) == len(scores)
     joined = as_frame(pairs).join(scores, on=["query_id", "train_id"], how="inner")
     assert len(joined) == len(scores)
-    expected = np.array([r / n for r, n in zip(joined["rank"].to_list(), joined["n_candidates"].to_list(), strict=True)])
+    expected = np.array(
+        [r / n for r, n in zip(joined["rank"].to_list(), joined["n_candidates"].to_list(), strict=True)]
+    )
     np.testing.assert_allclose(joined["label"].to_numpy(), expected, rtol=1e-6)
     assert pairs.labels.dtype == np.float32 and pairs.labels.max() < 1.0
 
@@ -109,7 +111,9 @@ def test_subsampling_keeps_m_random_candidates_per_query() -> None:
     assert (counts["len"] == np.minimum(counts["len_all"], m)).all()
     joined = as_frame(pairs).join(scores, on=["query_id", "train_id"], how="inner")
     assert len(joined) == len(pairs.labels)  # distinct, all candidates, labels of the full ranking
-    np.testing.assert_allclose(joined["label"].to_numpy(), (joined["rank"] / joined["n_candidates"]).to_numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        joined["label"].to_numpy(), (joined["rank"] / joined["n_candidates"]).to_numpy(), rtol=1e-6
+    )
     # A different generator picks a different subset; over many draws every candidate gets picked.
     seen = set()
     for seed in range(30):
@@ -146,7 +150,9 @@ def test_large_training_set_without_per_query_complements() -> None:
 def test_invalid_teacher_rows_are_refused() -> None:
     scores = teacher_scores(3, TRAIN_IDS, [10], seed=6)
     with pytest.raises(ValueError, match=r"candidate train ids are not among .* \[12345\]"):
-        training_pairs(scores.with_columns(pl.lit(12345, dtype=pl.Int64).alias("train_id")), TRAIN_IDS, np.random.default_rng(0))
+        training_pairs(
+            scores.with_columns(pl.lit(12345, dtype=pl.Int64).alias("train_id")), TRAIN_IDS, np.random.default_rng(0)
+        )
     with pytest.raises(ValueError, match="rank"):
         training_pairs(scores.with_columns(pl.col("n_candidates").alias("rank")), TRAIN_IDS, np.random.default_rng(0))
     with pytest.raises(ValueError, match="more than once"):

@@ -48,7 +48,9 @@ def test_average_precision_matches_sklearn() -> None:
 def test_random_average_precision_is_the_exact_mean_over_positions(n_items: int, n_positives: int) -> None:
     # Every placement of the positives is equally likely under a random ranking: enumerate them all.
     ranked = np.arange(n_items)
-    values = [average_precision(ranked, np.array(chosen)) for chosen in itertools.combinations(range(n_items), n_positives)]
+    values = [
+        average_precision(ranked, np.array(chosen)) for chosen in itertools.combinations(range(n_items), n_positives)
+    ]
     assert random_average_precision(n_items, n_positives) == pytest.approx(np.mean(values))
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import duckdb
 import pytest
 from PIL import Image
-
 from servicekit import ServedHome
+
 from gda.attribution_index import INDEX_FILE, load_index
 from gda.audit import AuditLog
 from gda.embedder import Embedder, EmbedderConfig, load_embedder
@@ -32,8 +32,8 @@ from gda.service import (
     ImageTooLarge,
     InvalidImage,
     Match,
-    Versions,
     VersionMismatch,
+    Versions,
     open_engine,
     read_metadata,
 )
@@ -59,7 +59,9 @@ def stored_rows(home: Home) -> dict[int, dict]:
     return {row["id"]: row for row in frame.iter_rows(named=True)}
 
 
-def test_answers_are_ranked_by_score_and_carry_their_metadata(engine: AttributionEngine, served_home: ServedHome) -> None:
+def test_answers_are_ranked_by_score_and_carry_their_metadata(
+    engine: AttributionEngine, served_home: ServedHome
+) -> None:
     train_id = served_home.ids[3]
     image = served_home.images[train_id]
     answer = engine.attribute(image, "a yellow square", 5)
@@ -68,17 +70,34 @@ def test_answers_are_ranked_by_score_and_carry_their_metadata(engine: Attributio
     assert scores == sorted(scores, reverse=True)
     rows = stored_rows(served_home.home)
     for match in answer.results:
-        assert (match.caption, match.url, match.license) == tuple(rows[match.train_id][c] for c in ("caption", "url", "license"))
-    assert answer.versions == Versions(served_home.model_version, served_home.embedder_version, served_home.index_version)
+        assert (match.caption, match.url, match.license) == tuple(
+            rows[match.train_id][c] for c in ("caption", "url", "license")
+        )
+    assert answer.versions == Versions(
+        served_home.model_version, served_home.embedder_version, served_home.index_version
+    )
     assert answer.image_sha256 == hashlib.sha256(image).hexdigest()
     assert answer.prompt == "a yellow square" and answer.top_k == 5
     assert set(answer.timings_ms) == {"image_features", "text_features", "features", "embed", "search", "total"}
     payload = json.loads(json.dumps(answer.payload()))
-    assert payload["results"][0] == {"rank": 1, "train_id": answer.results[0].train_id, "score": scores[0], "caption": answer.results[0].caption, "url": answer.results[0].url, "license": answer.results[0].license}
-    assert payload["versions"] == {"model": served_home.model_version, "embedder": served_home.embedder_version, "index": served_home.index_version}
+    assert payload["results"][0] == {
+        "rank": 1,
+        "train_id": answer.results[0].train_id,
+        "score": scores[0],
+        "caption": answer.results[0].caption,
+        "url": answer.results[0].url,
+        "license": answer.results[0].license,
+    }
+    assert payload["versions"] == {
+        "model": served_home.model_version,
+        "embedder": served_home.embedder_version,
+        "index": served_home.index_version,
+    }
 
 
-def test_a_training_image_with_its_caption_scores_itself_as_high_as_anything(engine: AttributionEngine, served_home: ServedHome) -> None:
+def test_a_training_image_with_its_caption_scores_itself_as_high_as_anything(
+    engine: AttributionEngine, served_home: ServedHome
+) -> None:
     # The query and training embeddings of the same features are the same unit vector (s starts negative, so
     # the query sign is +1): its inner product is 1, which nothing can exceed. Ties are possible; no more.
     assert engine.embedder.retrieval_sign == 1.0
@@ -124,7 +143,9 @@ def test_bad_queries_get_clear_errors(engine: AttributionEngine, served_home: Se
 
 def test_an_index_built_for_another_embedder_is_refused(engine: AttributionEngine, served_home: ServedHome) -> None:
     stale = replace(engine.index, manifest=replace(engine.index.manifest, embedder_version="0123456789ab"))
-    refusing = AttributionEngine(engine.embedder, stale, engine.image_encoder, engine.text_encoder, engine.metadata, engine.shards, "m")
+    refusing = AttributionEngine(
+        engine.embedder, stale, engine.image_encoder, engine.text_encoder, engine.metadata, engine.shards, "m"
+    )
     assert engine.refusal is None
     assert "built for embedder 0123456789ab" in str(refusing.refusal)
     with pytest.raises(VersionMismatch, match=r"re-materialize attribution_index") as raised:
@@ -135,8 +156,12 @@ def test_an_index_built_for_another_embedder_is_refused(engine: AttributionEngin
 
 def test_the_embedder_must_take_the_encoders_features(engine: AttributionEngine) -> None:
     other = Embedder(EmbedderConfig(input_dim=100, image_dim=60, widths=(8,)))
-    with pytest.raises(ValueError, match="the embedder takes 60 image \\+ 40 text features, but the encoders give 1280"):
-        AttributionEngine(other, engine.index, engine.image_encoder, engine.text_encoder, engine.metadata, engine.shards, "m")
+    with pytest.raises(
+        ValueError, match="the embedder takes 60 image \\+ 40 text features, but the encoders give 1280"
+    ):
+        AttributionEngine(
+            other, engine.index, engine.image_encoder, engine.text_encoder, engine.metadata, engine.shards, "m"
+        )
 
 
 def test_training_images_come_with_metadata_and_their_bytes(engine: AttributionEngine, served_home: ServedHome) -> None:
@@ -144,10 +169,20 @@ def test_training_images_come_with_metadata_and_their_bytes(engine: AttributionE
     metadata, data = engine.training_image(train_id)
     assert data == served_home.images[train_id]
     assert metadata["media_type"] == "image/png" and metadata["id"] == train_id
-    assert metadata["caption"] == served_home.captions[train_id] and metadata["url"].startswith("https://example.test/1/")
+    assert metadata["caption"] == served_home.captions[train_id] and metadata["url"].startswith(
+        "https://example.test/1/"
+    )
     with pytest.raises(KeyError, match="no training image with id 12345"):
         engine.training_image(12345)
-    elsewhere = AttributionEngine(engine.embedder, engine.index, engine.image_encoder, engine.text_encoder, engine.metadata, Path("/nonexistent"), "m")
+    elsewhere = AttributionEngine(
+        engine.embedder,
+        engine.index,
+        engine.image_encoder,
+        engine.text_encoder,
+        engine.metadata,
+        Path("/nonexistent"),
+        "m",
+    )
     with pytest.raises(FileNotFoundError, match="re-ingest shard 00001"):
         elsewhere.training_image(train_id)
     elsewhere.close()
@@ -179,7 +214,10 @@ def test_open_engine_loads_a_home_and_names_what_is_missing(served_home: ServedH
 
 
 def answer(prompt: str = "a red square") -> Attribution:
-    matches = [Match(1, 42, 0.9, "a red square", "https://example.test/42.png", "CC0-1.0"), Match(2, 7, 0.5, "a dog", None, None)]
+    matches = [
+        Match(1, 42, 0.9, "a red square", "https://example.test/42.png", "CC0-1.0"),
+        Match(2, 7, 0.5, "a dog", None, None),
+    ]
     return Attribution(matches, Versions("model1", "emb1", "index1"), "ab" * 32, prompt, 2, {"total": 12.5})
 
 
@@ -192,7 +230,9 @@ def logged(database: Path) -> list[dict]:
 def held_by_another_process(database: Path) -> Iterator[None]:
     """DuckDB's file lock is per process: a write connection held by a child process."""
     script = "import duckdb, sys; con = duckdb.connect(sys.argv[1]); print('holding', flush=True); sys.stdin.read()"
-    holder = subprocess.Popen([sys.executable, "-c", script, str(database)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", script, str(database)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "holding"
         yield
@@ -208,9 +248,18 @@ def test_each_answer_is_one_row(tmp_path: Path) -> None:
     rows = logged(log.database)
     assert [r["prompt"] for r in rows] == ["first", "second"]
     assert rows[0] | {"log_id": None, "logged_at": None} == {
-        "log_id": None, "logged_at": None, "interface": "cli", "image_sha256": "ab" * 32, "prompt": "first", "top_k": 2,
-        "model_version": "model1", "embedder_version": "emb1", "index_version": "index1",
-        "train_ids": [42, 7], "scores": [0.9, 0.5], "latency_ms": 12.5,
+        "log_id": None,
+        "logged_at": None,
+        "interface": "cli",
+        "image_sha256": "ab" * 32,
+        "prompt": "first",
+        "top_k": 2,
+        "model_version": "model1",
+        "embedder_version": "emb1",
+        "index_version": "index1",
+        "train_ids": [42, 7],
+        "scores": [0.9, 0.5],
+        "latency_ms": 12.5,
     }
     assert len({r["log_id"] for r in rows}) == 2
     with pytest.raises(ValueError, match="interface must be one of"):
@@ -223,14 +272,19 @@ def test_a_locked_database_spools_the_row_and_the_next_append_stores_it_once(tmp
     with held_by_another_process(log.database):
         assert log.append(answer("while locked")) == "spooled"
         assert log.append(answer("still locked")) == "spooled"
-    assert [json.loads(line)["prompt"] for line in log.spool.read_text().splitlines()] == ["while locked", "still locked"]
+    assert [json.loads(line)["prompt"] for line in log.spool.read_text().splitlines()] == [
+        "while locked",
+        "still locked",
+    ]
     assert log.append(answer("after")) == "logged"
     assert [r["prompt"] for r in logged(log.database)] == ["before", "while locked", "still locked", "after"]
     assert log.spool.read_text() == ""
 
     # A crash between the insert and the spool's truncation leaves stored rows in the spool: not stored twice.
     stored = logged(log.database)[1]
-    log.spool.write_text(json.dumps({**stored, "logged_at": stored["logged_at"].isoformat(timespec="microseconds")}) + "\n")
+    log.spool.write_text(
+        json.dumps({**stored, "logged_at": stored["logged_at"].isoformat(timespec="microseconds")}) + "\n"
+    )
     assert log.append(answer("later")) == "logged"
     rows = logged(log.database)
     assert [r["prompt"] for r in rows] == ["before", "while locked", "still locked", "after", "later"]

@@ -6,17 +6,31 @@ from __future__ import annotations
 from pathlib import Path
 
 import polars as pl
-import torch
 import pytest
+import torch
+from shardkit import good, png, write_tar
 
 from gda.corpus.ingest import ingest_shard
-from gda.corpus.shards import ShardNameError, ShardReader, ShardSample, image_id, iter_image_bytes, list_shards, write_shard
-from shardkit import good, png, write_tar
+from gda.corpus.shards import (
+    ShardNameError,
+    ShardReader,
+    ShardSample,
+    image_id,
+    iter_image_bytes,
+    list_shards,
+    write_shard,
+)
 
 
 def test_write_read_round_trip(tmp_path: Path) -> None:
     samples = [
-        ShardSample(key=f"00003{i:04d}", image=png(colour=(i, 2 * i, 3 * i)), image_ext="png", captions=[f"icon {i}", f"alt {i}"], meta={"url": f"u{i}", "license": "MIT"})
+        ShardSample(
+            key=f"00003{i:04d}",
+            image=png(colour=(i, 2 * i, 3 * i)),
+            image_ext="png",
+            captions=[f"icon {i}", f"alt {i}"],
+            meta={"url": f"u{i}", "license": "MIT"},
+        )
         for i in range(5)
     ]
     path = write_shard(tmp_path, 3, samples)
@@ -58,7 +72,10 @@ def test_corpus_images_come_back_in_the_order_asked_across_shards(tmp_path: Path
     from gda.diffusion.data import load_corpus_images
 
     colours = {("00001", "a"): (255, 0, 0), ("00001", "b"): (0, 255, 0), ("00002", "c"): (0, 0, 255)}
-    write_tar(tmp_path / "00001.tar", [("a.png", png(colour=colours["00001", "a"])), ("b.png", png(colour=colours["00001", "b"]))])
+    write_tar(
+        tmp_path / "00001.tar",
+        [("a.png", png(colour=colours["00001", "a"])), ("b.png", png(colour=colours["00001", "b"]))],
+    )
     write_tar(tmp_path / "00002.tar", [("c.png", png(colour=colours["00002", "c"]))])
     rows = pl.DataFrame({"shard": ["00001", "00002", "00001"], "key": ["b", "c", "a"]})
     images = load_corpus_images(rows, lambda shard: tmp_path / f"{shard}.tar", 16)

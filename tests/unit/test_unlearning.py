@@ -142,8 +142,12 @@ def test_step_has_the_requested_relative_size_and_ascends(
     # Applied, the parameters move by that relative amount (up to float32 rounding).
     before = _snapshot(bundle)
     with unlearning.applied_step(modules, step.delta):
-        moved = np.sqrt(sum(float((m.weight.detach().double() - before[f"{n}.weight"].double()).square().sum())
-                            for n, m in modules.items()))
+        moved = np.sqrt(
+            sum(
+                float((m.weight.detach().double() - before[f"{n}.weight"].double()).square().sum())
+                for n, m in modules.items()
+            )
+        )
     assert moved / theta == pytest.approx(1e-2, rel=1e-4)
     _assert_same(bundle, before)
     with pytest.raises(ValueError):
@@ -152,8 +156,17 @@ def test_step_has_the_requested_relative_size_and_ascends(
 
 def test_restore_is_bit_exact(bundle: DiffusionBundle, data: dict, modules: dict, steps: list, baseline) -> None:
     before = _snapshot(bundle)
-    unlearning.finite_scores(bundle, modules, steps[0].delta, data["x"][:5], data["states"][:5], IDS[:5],
-                             SCORE_SEED, baseline[:5], batch_size=2)
+    unlearning.finite_scores(
+        bundle,
+        modules,
+        steps[0].delta,
+        data["x"][:5],
+        data["states"][:5],
+        IDS[:5],
+        SCORE_SEED,
+        baseline[:5],
+        batch_size=2,
+    )
     _assert_same(bundle, before)
     with pytest.raises(RuntimeError), unlearning.applied_step(modules, steps[1].delta):
         assert not torch.equal(next(iter(modules.values())).weight, before[f"{next(iter(modules))}.weight"])
@@ -161,9 +174,7 @@ def test_restore_is_bit_exact(bundle: DiffusionBundle, data: dict, modules: dict
     _assert_same(bundle, before)
 
 
-def test_finite_scores_agree_with_first_order(
-    side: unlearning.TrainingSide, finite: torch.Tensor, steps: list
-) -> None:
+def test_finite_scores_agree_with_first_order(side: unlearning.TrainingSide, finite: torch.Tensor, steps: list) -> None:
     first = unlearning.first_order_scores_fast(side, unlearning.stack_deltas([s.delta for s in steps]))
     assert first.shape == finite.shape == (N_QUERY, N_TRAIN)
     for q in range(N_QUERY):
@@ -181,8 +192,9 @@ def test_fast_first_order_matches_per_item_gradients(
     timesteps = scoring_timesteps()
     per_flip = []
     for x in (data["x"], torch.flip(data["x"], dims=[-1])):
-        items = ekfac.DiffusionItems(bundle, x, data["states"], IDS, range(len(timesteps)), SCORE_SEED,
-                                     timesteps=timesteps, batch_size=7)
+        items = ekfac.DiffusionItems(
+            bundle, x, data["states"], IDS, range(len(timesteps)), SCORE_SEED, timesteps=timesteps, batch_size=7
+        )
         per_flip.append(ekfac.first_order_scores(modules, items.loss_fn, items, deltas).T)  # (q, n)
     reference = torch.maximum(*per_flip)
     scale = float(reference.abs().max())
@@ -194,8 +206,13 @@ def test_fast_first_order_matches_per_item_gradients(
 
 
 def test_scores_do_not_depend_on_batch_size_or_order(
-    bundle: DiffusionBundle, data: dict, modules: dict, steps: list, baseline: torch.Tensor,
-    side: unlearning.TrainingSide, finite: torch.Tensor,
+    bundle: DiffusionBundle,
+    data: dict,
+    modules: dict,
+    steps: list,
+    baseline: torch.Tensor,
+    side: unlearning.TrainingSide,
+    finite: torch.Tensor,
 ) -> None:
     delta = steps[0].delta
     perm = torch.randperm(N_TRAIN, generator=torch.Generator().manual_seed(3))
@@ -205,15 +222,19 @@ def test_scores_do_not_depend_on_batch_size_or_order(
     for batch_size in (1, 5, 24):
         base = unlearning.baseline_losses(bundle, x, states, ids, SCORE_SEED, batch_size=batch_size)
         torch.testing.assert_close(base, baseline[perm], rtol=1e-6, atol=1e-7)
-        scores = unlearning.finite_scores(bundle, modules, delta, x, states, ids, SCORE_SEED, base,
-                                          batch_size=batch_size)
+        scores = unlearning.finite_scores(
+            bundle, modules, delta, x, states, ids, SCORE_SEED, base, batch_size=batch_size
+        )
         torch.testing.assert_close(scores, finite[0][perm], rtol=0, atol=1e-6 * float(finite[0].abs().max()))
         other = unlearning.training_side(bundle, modules, x, states, ids, SCORE_SEED, batch_size=batch_size)
-        torch.testing.assert_close(unlearning.first_order_scores_fast(other, delta), fast[perm],
-                                   rtol=1e-5, atol=1e-6 * float(fast.abs().max()))
+        torch.testing.assert_close(
+            unlearning.first_order_scores_fast(other, delta), fast[perm], rtol=1e-5, atol=1e-6 * float(fast.abs().max())
+        )
 
 
-def test_the_training_side_pass_gives_the_baseline_losses(side: unlearning.TrainingSide, baseline: torch.Tensor) -> None:
+def test_the_training_side_pass_gives_the_baseline_losses(
+    side: unlearning.TrainingSide, baseline: torch.Tensor
+) -> None:
     # Same draws, items and flips, and the same batch size: the forward pass of the gradients is the baseline.
     torch.testing.assert_close(side.losses, baseline, rtol=1e-6, atol=1e-7)
 
@@ -232,8 +253,9 @@ def test_baseline_once_equals_per_batch(bundle: DiffusionBundle, data: dict, bas
 def test_fast_path_refuses_draw_dependent_modules(bundle: DiffusionBundle, data: dict) -> None:
     attention = ekfac.select_modules(bundle.unet, "attention")
     with pytest.raises(ValueError, match="attn1"):
-        unlearning.training_side(bundle, attention, data["x"][:2], data["states"][:2], IDS[:2], SCORE_SEED,
-                                 timesteps=[0, 500])
+        unlearning.training_side(
+            bundle, attention, data["x"][:2], data["states"][:2], IDS[:2], SCORE_SEED, timesteps=[0, 500]
+        )
     convs = ekfac.select_modules(bundle.unet, "all")
     with pytest.raises(ValueError, match="Linear"):
         unlearning.training_side(bundle, convs, data["x"][:2], data["states"][:2], IDS[:2], SCORE_SEED)
@@ -249,7 +271,14 @@ def test_rank_scores() -> None:
 
 
 def test_training_side_round_trips_and_selects_rows_in_order(tmp_path: Path) -> None:
-    from gda.unlearning import TrainingSide, concat_sides, load_training_side, save_training_side, select_items, stored_losses
+    from gda.unlearning import (
+        TrainingSide,
+        concat_sides,
+        load_training_side,
+        save_training_side,
+        select_items,
+        stored_losses,
+    )
 
     generator = torch.Generator().manual_seed(0)
     parts = [
