@@ -26,5 +26,16 @@ if [ -n "$extras" ]; then
   # with the helpers it really imports.
   "${pip[@]}" --no-deps "kronfluence==1.0.1"
   "${pip[@]}" "einops>=0.8" "einconv>=0.1" "opt_einsum>=3.3"
+  # tests/browser drive the system Chromium (Playwright never downloads a browser of its own).
+  if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1 \
+    && ! command -v google-chrome >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      echo "installing Debian's chromium for tests/browser"
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+    else
+      echo "tests/browser need Chromium: run 'sudo apt-get install chromium' (or your system's package), then this again" >&2
+      exit 1
+    fi
+  fi
 fi
 echo "installed gda into $(pwd)/.venv"
