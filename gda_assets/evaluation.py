@@ -253,7 +253,7 @@ def build_counterfactual_eval(evaluation: EvaluationSettings) -> dg.AssetsDefini
         from gda import counterfactual as science
         from gda import plots
         from gda.diffusion import ScratchModelConfig
-        from gda.diffusion.card import corpus_fingerprint, read_card
+        from gda.model_card import corpus_fingerprint, read_card
         from gda.diffusion.data import load_corpus_images
         from gda.evaluation import by_level
 

@@ -10,7 +10,7 @@ import dagster as dg
 import polars as pl
 
 from gda import features, plots, tables
-from gda.diffusion.card import (
+from gda.model_card import (
     LATENT_ENCODING,
     ModelCard,
     corpus_fingerprint,

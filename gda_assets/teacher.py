@@ -7,7 +7,7 @@ import polars as pl
 
 from gda import tables
 from gda.arrays import IdArray
-from gda.diffusion.card import read_card, weights_version
+from gda.model_card import read_card, weights_version
 from gda.teacher import TeacherConfig, timesteps
 from gda_assets.checks import Partition, column_schema, table_check_results, table_check_specs
 from gda_assets.lineage import column_lineage

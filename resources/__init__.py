@@ -9,6 +9,7 @@ from resources.duckdb_io import TransactionalDuckDBPolarsIOManager
 from resources.encoders import Encoders
 from resources.evaluation import EvaluationSettings
 from resources.parquet_io import ParquetIOManager
+from resources.store import home_store
 from resources.student import IndexSettings, StudentSettings
 from resources.teacher import TeacherSettings
 from resources.warehouse import Warehouse
@@ -29,4 +30,5 @@ __all__ = [
     "TeacherSettings",
     "TransactionalDuckDBPolarsIOManager",
     "Warehouse",
+    "home_store",
 ]

@@ -4,14 +4,14 @@ from pathlib import Path
 
 import dagster as dg
 
-from gda import arrays
+from gda import arrays, layout
 
 
 class ArrayIOManager(dg.ConfigurableIOManager):
-    root: str  # the artifact root; files go to ROOT/ASSET/PARTITION.safetensors
+    root: str  # the artifact root; files go to gda.layout.partition_file
 
     def _path(self, asset_key: dg.AssetKey, partition: str | None) -> Path:
-        return Path(self.root).joinpath(*asset_key.path) / f"{partition or 'all'}.safetensors"
+        return layout.partition_file(Path(self.root), "/".join(asset_key.path), partition)
 
     def handle_output(self, context: dg.OutputContext, obj: arrays.IdArray) -> None:
         partition = context.partition_key if context.has_partition_key else None

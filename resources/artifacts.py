@@ -19,12 +19,18 @@ from pathlib import Path
 
 import dagster as dg
 
+from gda import layout
+
 
 class Artifacts(dg.ConfigurableResource):
     root: str
 
     def path(self, name: str) -> Path:
         return Path(self.root) / name
+
+    def file(self, asset: str, partition: str | None = None) -> Path:
+        """One partition's array file (``gda.layout.partition_file``)."""
+        return layout.partition_file(Path(self.root), asset, partition)
 
     def fresh(self, name: str) -> Path:
         """An empty folder for a new version of ``name``; ``publish`` swaps it in."""

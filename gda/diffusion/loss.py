@@ -90,7 +90,7 @@ def make_draws(
 def encode_images(bundle: DiffusionBundle, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
     """What the UNet denoises: images in [-1, 1] themselves, or VAE posterior means x scaling factor.
 
-    The posterior mean (not a sample) keeps latents deterministic (gda.diffusion.card.LATENT_ENCODING,
+    The posterior mean (not a sample) keeps latents deterministic (gda.model_card.LATENT_ENCODING,
     recorded in a registered model's card). Returned on the bundle's device in the bundle's dtype.
     """
     if bundle.vae is None:

@@ -9,7 +9,7 @@ import duckdb
 from sdkit import write_tiny_stable_diffusion
 from shardkit import good, write_tar
 
-from gda.diffusion.card import read_card
+from gda.model_card import read_card
 from gda.home import Home
 from gda.profiles import profile_values
 from gda.queries import load_generated

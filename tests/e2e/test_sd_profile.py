@@ -17,7 +17,7 @@ from sdkit import write_tiny_stable_diffusion
 from shardkit import png, write_tar
 
 from gda import arrays
-from gda.diffusion.card import LATENT_ENCODING, read_card
+from gda.model_card import LATENT_ENCODING, read_card
 from gda.home import Home
 from gda.profiles import ProfileSettingError, profile_values
 from gda.queries import load_generated
