@@ -91,9 +91,9 @@ def _search_at_scale(real: np.ndarray, size: int) -> dict[str, Any]:
 def run(setting: Setting) -> dict[str, Any]:
     from gda import teacher as science
     from gda.audit import AuditLog
+    from gda.registry import open_model
     from gda.service import open_engine
     from gda_assets.factory import build_resources
-    from gda_assets.model import load_bundle
     from gda_assets.teacher import build_teacher, candidate_batch
 
     home, profile = setting.home, setting.profile
@@ -132,7 +132,7 @@ def run(setting: Setting) -> dict[str, Any]:
     raw = _protocol(raw_image, queries)
 
     # (c) the teacher on the same queries, from their generated batch files.
-    bundle, _ = load_bundle(resources["artifacts"], setting.device)
+    bundle, _ = open_model(resources["artifacts"].path("diffusion_model"), setting.device)
     gradient_shards = sorted(p.stem for p in (home.artifacts / "training_gradients").glob("*.safetensors"))
     artifacts = resources["artifacts"]
     teacher = build_teacher(bundle, resources["corpus"], warehouse, artifacts, resources["teacher"], gradient_shards)

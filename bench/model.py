@@ -14,8 +14,8 @@ import torch
 
 from bench import Setting
 from gda.diffusion import ScratchModelConfig, build_from_scratch, evaluate_loss, load, sample, train
-from gda.model_card import read_card, weights_dir
 from gda.home import Home
+from gda.model_card import read_card, weights_dir
 from gda.profiles import profile_values
 from resources.diffusion import SamplingSettings
 

@@ -146,8 +146,8 @@ def _timed(fn, *args, **kwargs) -> tuple[float, Any]:
 
 
 def run(setting: Setting) -> dict[str, Any]:
+    from gda.registry import open_model
     from gda_assets.factory import build_resources
-    from gda_assets.model import load_bundle
     from gda_assets.teacher import build_teacher, candidate_batch, images_and_states, teacher_config, training_rows
 
     home, profile = setting.home, setting.profile
@@ -156,7 +156,7 @@ def run(setting: Setting) -> dict[str, Any]:
     resources = build_resources(home, profile, None)
     settings, warehouse, corpus, artifacts = (resources[k] for k in ("teacher", "warehouse", "corpus", "artifacts"))
     config = teacher_config(settings)
-    bundle, card = load_bundle(artifacts, setting.device)
+    bundle, card = open_model(artifacts.path("diffusion_model"), setting.device)
     modules = select_modules(bundle.unet, settings.modules)
     rows = warehouse.named("corpus_for_training")
     fit_rows = rows.head(FIT_IMAGES)

@@ -8,9 +8,9 @@ import polars as pl
 
 from gda import tables
 from gda.arrays import IdArray
+from gda.registry import open_model
 from gda_assets.checks import Partition, column_schema, table_check_results, table_check_specs
 from gda_assets.metadata import png_markdown
-from gda_assets.model import load_bundle
 from gda_assets.partitions import every_partition, shard_partitions
 from gda_assets.student import EMBEDDER
 from gda_assets.teacher import RESEED_OFFSET, build_teacher, training_rows
@@ -34,7 +34,7 @@ def _reseeded_rankings(
     from gda.queries import load_generated
     from gda.unlearning import rank_scores
 
-    bundle, _ = load_bundle(artifacts, compute.device)
+    bundle, _ = open_model(artifacts.path("diffusion_model"), compute.device)
     shards = sorted(context.instance.get_dynamic_partitions(shard_partitions.name))
     model = build_teacher(bundle, corpus, warehouse, artifacts, teacher, shards)
     batches = warehouse.query("SELECT DISTINCT batch FROM query_prompts WHERE split = 'test' ORDER BY batch")["batch"]
@@ -253,9 +253,9 @@ def build_counterfactual_eval(evaluation: EvaluationSettings) -> dg.AssetsDefini
         from gda import counterfactual as science
         from gda import plots
         from gda.diffusion import ScratchModelConfig
-        from gda.model_card import corpus_fingerprint, read_card
         from gda.diffusion.data import load_corpus_images
         from gda.evaluation import by_level
+        from gda.model_card import corpus_fingerprint, read_card
 
         cell = science.Cell.parse(context.partition_key)
         warehouse.ensure_tables()
@@ -297,7 +297,7 @@ def build_counterfactual_eval(evaluation: EvaluationSettings) -> dg.AssetsDefini
             load_corpus_images(rows, corpus.shard_path, config.sample_size),
             rows["captions"].to_list(),
         )
-        original, _ = load_bundle(artifacts, compute.device)
+        original, _ = open_model(artifacts.path("diffusion_model"), compute.device)
         sampling = {
             row["query_id"]: row
             for row in tests.select("query_id", "steps", "guidance_scale", "guidance_rescale").iter_rows(named=True)

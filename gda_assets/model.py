@@ -19,6 +19,7 @@ from gda.model_card import (
     weights_version,
     write_card,
 )
+from gda.registry import open_model
 from gda_assets.checks import Partition, column_schema, table_check_results, table_check_specs
 from gda_assets.metadata import png_markdown
 from gda_assets.partitions import query_batch_partitions
@@ -34,15 +35,6 @@ from resources import (
 )
 
 PREVIEW_PROMPTS = 16
-
-
-def load_bundle(artifacts: Artifacts, device: str):
-    from gda.diffusion import load, load_pretrained
-
-    folder = artifacts.path("diffusion_model")
-    card = read_card(folder)
-    loader = load if card.kind == "scratch" else load_pretrained
-    return loader(weights_dir(folder, card)).to(device), card
 
 
 def _train_scratch(source: DiffusionSource, corpus: CorpusSource, rows: pl.DataFrame, folder: Path, log) -> ModelCard:
@@ -229,7 +221,7 @@ def generated_queries(
     batch = context.partition_key
     warehouse.ensure_tables()
     prompts = warehouse.named("batch_prompts", [batch])
-    bundle, card = load_bundle(artifacts, compute.device)
+    bundle, card = open_model(artifacts.path("diffusion_model"), compute.device)
     sampling = diffusion.sampling
     result = sample(
         bundle,

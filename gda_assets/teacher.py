@@ -8,10 +8,10 @@ import polars as pl
 from gda import tables
 from gda.arrays import IdArray
 from gda.model_card import read_card, weights_version
+from gda.registry import open_model
 from gda.teacher import TeacherConfig, timesteps
 from gda_assets.checks import Partition, column_schema, table_check_results, table_check_specs
 from gda_assets.lineage import column_lineage
-from gda_assets.model import load_bundle
 from gda_assets.partitions import ON_NEW_SHARDS, every_partition, query_batch_partitions, shard_partitions
 from resources import Artifacts, Compute, CorpusSource, TeacherSettings, Warehouse
 
@@ -85,7 +85,7 @@ def ekfac_factors(
 
     from gda.ekfac import DiffusionItems, fit_diffusion_factors, save_factors
 
-    bundle, card = load_bundle(artifacts, compute.device)
+    bundle, card = open_model(artifacts.path("diffusion_model"), compute.device)
     rows = warehouse.named("corpus_for_training")
     images, states = images_and_states(bundle, corpus, rows)
     items = DiffusionItems(
@@ -193,7 +193,7 @@ def training_gradients(
     from gda.ekfac import select_modules
     from gda.unlearning import save_training_side, training_side
 
-    bundle, card = load_bundle(artifacts, compute.device)
+    bundle, card = open_model(artifacts.path("diffusion_model"), compute.device)
     images, states, ids = _shard_items(bundle, corpus, warehouse, context.partition_key)
     config = teacher_config(teacher)
     side = training_side(
@@ -258,7 +258,7 @@ def baseline_losses(
     if stored is not None and stored[2] == _draw_provenance(card.version, config) and stored[0] == rows["id"].to_list():
         ids, values, source = stored[0], stored[1], "training_gradients pass"
     else:
-        bundle, _ = load_bundle(artifacts, compute.device)
+        bundle, _ = open_model(artifacts.path("diffusion_model"), compute.device)
         images, states, ids = _shard_items(bundle, corpus, warehouse, context.partition_key)
         values, source = (
             losses(bundle, images, states, ids, config.seed, timesteps(config), config.batch_size),
@@ -423,7 +423,7 @@ def abu_scores(
 
     batch_key = context.partition_key
     warehouse.ensure_tables()
-    bundle, card = load_bundle(artifacts, compute.device)
+    bundle, card = open_model(artifacts.path("diffusion_model"), compute.device)
     shards = sorted(context.instance.get_dynamic_partitions(shard_partitions.name))
     try:
         model = build_teacher(bundle, corpus, warehouse, artifacts, teacher, shards)
