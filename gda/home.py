@@ -30,8 +30,8 @@ concurrency:
 nux:
   enabled: false
 code_servers:
-  # Loading the definitions imports torch and diffusers (about 10 s of CPU); on a busy 2-core machine the
-  # default 180 s wait for a code server to start ran out, and new runs stalled.
+  # On a busy 2-core machine the default 180 s wait for a code server to start once ran out (when loading
+  # the definitions still imported torch, ~10 s of CPU; now ~2 s) and new runs stalled; the margin stays.
   local_startup_timeout: 600
 """
 

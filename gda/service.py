@@ -32,10 +32,10 @@ from gda.attribution_index import INDEX_FILE, AttributionIndex, load_index, sear
 from gda.audit import AuditLog
 from gda.connections import connect
 from gda.corpus.shards import iter_image_bytes
-from gda.model_card import read_card
 from gda.embedder import CONFIG_FILE, Embedder, load_embedder
 from gda.encoders import EncoderSpec, ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
 from gda.home import Home
+from gda.model_card import read_card
 from gda.profiles import profile_values
 from gda.queries import png_bytes
 from sql import named_query

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from gda import layout
 from gda.corpus.ingest import IngestResult, ingest_shard
 from gda.corpus.shards import list_shards
 from gda_assets.checks import Partition, column_schema, table_check_results, table_check_specs
@@ -47,7 +48,7 @@ def _parquet_check(result: IngestResult) -> dg.AssetCheckResult:
     parquet = result.parquet
     return dg.AssetCheckResult(
         check_name=PARQUET_CHECK,
-        asset_key="training_images",
+        asset_key=layout.TRAINING_IMAGES,
         passed=parquet.agrees,
         severity=dg.AssetCheckSeverity.WARN,
         description=parquet.summary(),
@@ -73,19 +74,25 @@ def build_training_images(embedded: bool) -> dg.AssetsDefinition:
                 code_version="1",
             )
             for table, description in (
-                ("training_images", "Accepted training images of a shard: caption(s), source, license, size, sha256."),
-                ("rejected_images", "Samples of a shard that could not be used, each with a reason code and detail."),
+                (
+                    layout.TRAINING_IMAGES,
+                    "Accepted training images of a shard: caption(s), source, license, size, sha256.",
+                ),
+                (
+                    layout.REJECTED_IMAGES,
+                    "Samples of a shard that could not be used, each with a reason code and detail.",
+                ),
             )
         },
         partitions_def=shard_partitions,
         group_name="corpus",
-        deps=["demo_corpus"] if embedded else [],
+        deps=[layout.DEMO_CORPUS] if embedded else [],
         check_specs=[
             *table_check_specs("training_images"),
             *table_check_specs("rejected_images"),
             dg.AssetCheckSpec(
                 PARQUET_CHECK,
-                asset="training_images",
+                asset=layout.TRAINING_IMAGES,
                 description="The shard's NNNNN.parquet lists exactly the tar's samples with their captions (a shard "
                 "without one passes). Non-blocking: the tar holds the bytes and is ingested as is either way.",
             ),
@@ -108,9 +115,9 @@ def build_training_images(embedded: bool) -> dg.AssetsDefinition:
         }
         if result.read_error:
             accepted["read_error"] = result.read_error
-        yield dg.Output(result.accepted, output_name="training_images", metadata=accepted)
+        yield dg.Output(result.accepted, output_name=layout.TRAINING_IMAGES, metadata=accepted)
         yield dg.Output(
-            result.rejected, output_name="rejected_images", metadata={"dagster/row_count": result.rejected.height}
+            result.rejected, output_name=layout.REJECTED_IMAGES, metadata={"dagster/row_count": result.rejected.height}
         )
         for table, frame in (("training_images", result.accepted), ("rejected_images", result.rejected)):
             yield from table_check_results(warehouse, table, frame.height, Partition("shard", shard))

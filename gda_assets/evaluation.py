@@ -207,7 +207,7 @@ def _queries(artifacts: Artifacts, tests: pl.DataFrame):
 
 def build_counterfactual_eval(evaluation: EvaluationSettings) -> dg.AssetsDefinition:
     """The asset with one partition per cell of ``evaluation``'s methods x k x query groups."""
-    from gda.counterfactual import cells
+    from gda.counterfactual_cells import cells
 
     keys = [
         cell.key

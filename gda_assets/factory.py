@@ -6,7 +6,7 @@ from typing import Any
 
 import dagster as dg
 
-from gda import tables
+from gda import layout, tables
 from gda.home import Home
 from gda.profiles import profile_values
 from gda_assets.corpus import build_training_images, demo_corpus, shard_sensor
@@ -71,7 +71,7 @@ def build_resources(home: Home, profile: str, shards: Path | None) -> dict[str, 
         "corpus": CorpusSource(shards_dir=str(shards or home.shards)),
         "demo_corpus_source": DemoCorpusSource(
             **values["demo_corpus_source"],
-            heldout_prompts=str(home.artifacts / "demo_corpus" / "heldout_prompts.parquet"),
+            heldout_prompts=str(home.artifacts / layout.DEMO_CORPUS / "heldout_prompts.parquet"),
         ),
         "diffusion": DiffusionSource(**values["diffusion"]),
         "query_plan": QueryPlan(**values["query_plan"]),

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from gda import features
+from gda import features, layout
 from gda.arrays import IdArray
 from gda.corpus.shards import load_images
 from gda_assets.partitions import ON_NEW_SHARDS, shard_partitions
@@ -20,7 +20,7 @@ def _feature_metadata(array: IdArray) -> dict[str, object]:
 @dg.asset(
     group_name="features",
     partitions_def=shard_partitions,
-    deps=["training_images"],
+    deps=[layout.TRAINING_IMAGES],
     io_manager_key="array_io",
     kinds={"pytorch"},
     pool="gpu",
@@ -41,7 +41,7 @@ def image_features(
 @dg.asset(
     group_name="features",
     partitions_def=shard_partitions,
-    deps=["training_images"],
+    deps=[layout.TRAINING_IMAGES],
     io_manager_key="array_io",
     kinds={"pytorch"},
     pool="gpu",

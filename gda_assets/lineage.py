@@ -7,19 +7,21 @@ a credited training image from an answer back to the ingested row it names.
 
 import dagster as dg
 
+from gda import layout
+
 # table -> column -> the (asset, column) pairs it is derived from
 LINEAGE: dict[str, dict[str, list[tuple[str, str]]]] = {
     "dino_candidates": {
-        "query_id": [("generated_queries", "query_id")],
-        "train_id": [("training_images", "id")],
+        "query_id": [(layout.GENERATED_QUERIES, "query_id")],
+        "train_id": [(layout.TRAINING_IMAGES, "id")],
     },
     "abu_scores": {
-        "query_id": [("generated_queries", "query_id")],
-        "train_id": [("training_images", "id"), ("dino_candidates", "train_id")],
+        "query_id": [(layout.GENERATED_QUERIES, "query_id")],
+        "train_id": [(layout.TRAINING_IMAGES, "id"), (layout.DINO_CANDIDATES, "train_id")],
     },
     "attribution_log": {
-        "train_ids": [("training_images", "id")],
-        "model_version": [("generated_queries", "model_version")],
+        "train_ids": [(layout.TRAINING_IMAGES, "id")],
+        "model_version": [(layout.GENERATED_QUERIES, "model_version")],
     },
 }
 

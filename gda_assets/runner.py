@@ -12,6 +12,7 @@ from typing import Any
 
 import dagster as dg
 
+from gda import layout
 from gda.corpus.shards import list_shards
 from gda.home import Home
 from gda.profiles import resolve_profile
@@ -85,7 +86,10 @@ def run_shards(
         result = job.execute_in_process(instance=instance, partition_key=shard, raise_on_error=False)
         reports.append(
             ShardReport(
-                shard, _row_count(result, "training_images"), _row_count(result, "rejected_images"), result.success
+                shard,
+                _row_count(result, layout.TRAINING_IMAGES),
+                _row_count(result, layout.REJECTED_IMAGES),
+                result.success,
             )
         )
     return reports
@@ -167,7 +171,7 @@ def counterfactual(
     instance = open_instance(home)
     defs = build_defs(home=home, profile=resolve_profile(profile), shards=shards_dir.resolve() if shards_dir else None)
     keys = defs.resolve_job_def("counterfactual_job").partitions_def.get_partition_keys()
-    done = set() if every_cell else instance.get_materialized_partitions(dg.AssetKey("counterfactual_eval"))
+    done = set() if every_cell else instance.get_materialized_partitions(dg.AssetKey(layout.COUNTERFACTUAL_EVAL))
     return _run_partitions(instance, defs, "counterfactual_job", [key for key in keys if key not in done])
 
 

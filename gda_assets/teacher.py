@@ -1,6 +1,8 @@
 """Teacher assets: DINO kNN candidates, EK-FAC factors, query-independent training-side data, and the AbU+
 scores of each query's candidates."""
 
+from typing import TYPE_CHECKING
+
 import dagster as dg
 import numpy as np
 import polars as pl
@@ -9,11 +11,13 @@ from gda import tables
 from gda.arrays import IdArray
 from gda.model_card import read_card, weights_version
 from gda.registry import open_model
-from gda.teacher import TeacherConfig, timesteps
 from gda_assets.checks import Partition, column_schema, table_check_results, table_check_specs
 from gda_assets.lineage import column_lineage
 from gda_assets.partitions import ON_NEW_SHARDS, every_partition, query_batch_partitions, shard_partitions
 from resources import Artifacts, Compute, CorpusSource, TeacherSettings, Warehouse
+
+if TYPE_CHECKING:  # gda.teacher imports torch, which loading the definitions must not
+    from gda.teacher import TeacherConfig
 
 
 @dg.asset(
@@ -119,7 +123,9 @@ def ekfac_factors(
     )
 
 
-def teacher_config(teacher: TeacherSettings) -> TeacherConfig:
+def teacher_config(teacher: TeacherSettings) -> "TeacherConfig":
+    from gda.teacher import TeacherConfig
+
     return TeacherConfig(**teacher.model_dump(include=set(TeacherConfig.__dataclass_fields__)))
 
 
@@ -145,7 +151,7 @@ def _shard_items(bundle, corpus: CorpusSource, warehouse: Warehouse, shard: str)
 
 
 def _finite_items(
-    bundle, corpus: CorpusSource, warehouse: Warehouse, artifacts: Artifacts, shards: list[str], config: TeacherConfig
+    bundle, corpus: CorpusSource, warehouse: Warehouse, artifacts: Artifacts, shards: list[str], config: "TeacherConfig"
 ):
     """For the finite teacher: a function from train ids to (images, prompt states, baseline losses).
     Baselines come from the stored ``baseline_losses`` where a shard has them, else they are computed for
@@ -153,6 +159,7 @@ def _finite_items(
     import torch
 
     from gda import arrays
+    from gda.teacher import timesteps
     from gda.unlearning import baseline_losses as losses
 
     files = [artifacts.path("baseline_losses") / f"{shard}.safetensors" for shard in shards]
@@ -191,6 +198,7 @@ def training_gradients(
     teacher: TeacherSettings,
 ) -> dg.MaterializeResult:
     from gda.ekfac import select_modules
+    from gda.teacher import timesteps
     from gda.unlearning import save_training_side, training_side
 
     bundle, card = open_model(artifacts.path("diffusion_model"), compute.device)
@@ -213,8 +221,10 @@ def training_gradients(
     )
 
 
-def _draw_provenance(model_version: str, config: TeacherConfig) -> dict[str, str]:
+def _draw_provenance(model_version: str, config: "TeacherConfig") -> dict[str, str]:
     """What fixes a training image's scoring losses: the model and the draws."""
+    from gda.teacher import timesteps
+
     return {
         "model_version": model_version,
         "seed": str(config.seed),
@@ -247,6 +257,7 @@ def baseline_losses(
 ) -> dg.Output[IdArray]:
     import torch
 
+    from gda.teacher import timesteps
     from gda.unlearning import baseline_losses as losses
     from gda.unlearning import stored_losses
 

@@ -3,13 +3,20 @@ materialized home."""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-import torch
+
+# Set before torch loads OpenMP, for this process and every gda / Dagster process a test starts: idle OpenMP
+# threads sleep instead of spinning, which on a 2-core machine running a server and its client side by side
+# otherwise starves the other process.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 if TYPE_CHECKING:
     from servicekit import ServedHome

@@ -18,11 +18,11 @@ from gda.arrays import IdArray
 from gda.attribution_index import INDEX_FILE, save_index, update_index
 from gda.corpus.ingest import ingest_shard
 from gda.corpus.shards import load_images
-from gda.model_card import ModelCard, write_card
 from gda.embedder import Embedder, EmbedderConfig, save_embedder
 from gda.encoders import ImageEncoder, TextEncoder
 from gda.home import Home
 from gda.index import SearchSettings
+from gda.model_card import ModelCard, write_card
 from gda.service import EMBEDDER_FOLDER, INDEX_FOLDER
 
 COLOURS = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -144,3 +145,40 @@ def test_dagster_cli_validates_the_code_location(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Validation successful for code location" in done.stdout + done.stderr
+
+
+# The model libraries cost seconds to import; every Dagster process (code server, run, step) loads the
+# definitions, so loading them must not pull these in. Asset bodies import them when they run.
+HEAVY_MODULES = ("torch", "diffusers", "transformers", "faiss")
+
+
+def test_loading_the_definitions_imports_no_model_library(tmp_path: Path) -> None:
+    probe = (
+        "import sys; from gda_assets.definitions import defs; "
+        f"print(','.join(m for m in {HEAVY_MODULES!r} if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={**os.environ, "GDA_HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "", f"loading the definitions imported {done.stdout.strip()}"
+
+
+def test_dg_checks_and_lists_the_definitions(tmp_path: Path) -> None:
+    dg_cli = Path(sys.executable).with_name("dg")
+    env = {**os.environ, "GDA_HOME": str(tmp_path)}
+    root = Path(__file__).resolve().parents[2]
+    checked = subprocess.run(
+        [str(dg_cli), "check", "defs"], cwd=root, env=env, capture_output=True, text=True, timeout=180
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    listed = subprocess.run(
+        [str(dg_cli), "list", "defs", "--json"], cwd=root, env=env, capture_output=True, text=True, timeout=180
+    )
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    listed_keys = {asset["asset_key"] for asset in json.loads(listed.stdout)["assets"]}
+    assert listed_keys == set(_assets(build_defs(home=Home(tmp_path)))), listed_keys

@@ -17,9 +17,9 @@ from shardkit import good, png, write_tar
 from gda import arrays
 from gda.cli import main
 from gda.diffusion import evaluate_loss, load
-from gda.model_card import corpus_fingerprint, read_card, weights_dir, weights_version
 from gda.ekfac import load_factors, select_modules
 from gda.home import Home
+from gda.model_card import corpus_fingerprint, read_card, weights_dir, weights_version
 from gda.profiles import profile_values
 from gda.queries import load_generated, query_seed
 from gda_assets.factory import build_defs

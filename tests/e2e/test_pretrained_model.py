@@ -9,8 +9,8 @@ import duckdb
 from sdkit import write_tiny_stable_diffusion
 from shardkit import good, write_tar
 
-from gda.model_card import read_card
 from gda.home import Home
+from gda.model_card import read_card
 from gda.profiles import profile_values
 from gda.queries import load_generated
 from gda_assets.factory import build_defs

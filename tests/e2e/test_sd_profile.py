@@ -17,8 +17,8 @@ from sdkit import write_tiny_stable_diffusion
 from shardkit import png, write_tar
 
 from gda import arrays
-from gda.model_card import LATENT_ENCODING, read_card
 from gda.home import Home
+from gda.model_card import LATENT_ENCODING, read_card
 from gda.profiles import ProfileSettingError, profile_values
 from gda.queries import load_generated
 from gda.service import open_engine

@@ -26,10 +26,10 @@ from gda import features, tables
 from gda.cli import main
 from gda.corpus.ingest import REASONS, IngestLimits, ingest_shard
 from gda.corpus.shards import ShardNameError, ShardSample, load_images, shard_file, write_shard
-from gda.model_card import ModelCard, weights_dir, write_card
 from gda.encoders import EncoderError, EncoderSpec, ImageEncoder, TextEncoder, load_image_encoder
 from gda.home import Home
 from gda.images import to_rgb
+from gda.model_card import ModelCard, weights_dir, write_card
 from gda.paths import ModelPathError, model_folder
 from gda.profiles import PROFILES, UnknownProfileError
 
