@@ -89,12 +89,14 @@ def _search_at_scale(real: np.ndarray, size: int) -> dict[str, Any]:
 
 
 def run(setting: Setting) -> dict[str, Any]:
+    from gda import layout
     from gda import teacher as science
     from gda.audit import AuditLog
     from gda.registry import open_model
     from gda.service import open_engine
+    from gda.teacher_data import candidate_batch, open_teacher
     from gda_assets.factory import build_resources
-    from gda_assets.teacher import build_teacher, candidate_batch
+    from resources import home_store
 
     home, profile = setting.home, setting.profile
     engine = open_engine(home, profile, device=setting.device)
@@ -132,12 +134,11 @@ def run(setting: Setting) -> dict[str, Any]:
     raw = _protocol(raw_image, queries)
 
     # (c) the teacher on the same queries, from their generated batch files.
-    bundle, _ = open_model(resources["artifacts"].path("diffusion_model"), setting.device)
-    gradient_shards = sorted(p.stem for p in (home.artifacts / "training_gradients").glob("*.safetensors"))
-    artifacts = resources["artifacts"]
-    teacher = build_teacher(bundle, resources["corpus"], warehouse, artifacts, resources["teacher"], gradient_shards)
-    batch_key = test["batch"][0]
-    batch = candidate_batch(warehouse, artifacts, batch_key)
+    store = home_store(resources["artifacts"], warehouse, resources["corpus"])
+    bundle, _ = open_model(store.folder(layout.DIFFUSION_MODEL), setting.device)
+    gradient_shards = layout.stored_partitions(home.artifacts, layout.TRAINING_GRADIENTS)
+    teacher = open_teacher(bundle, store, resources["teacher"].config(), gradient_shards)
+    batch = candidate_batch(store, test["batch"][0])
     dino = batch.candidates
     teacher.side  # noqa: B018 (loaded once per process, as the asset does)
     single = [science.select_queries(batch, [q]) for q in batch.query_ids]

@@ -24,9 +24,12 @@ from typing import Any
 import torch
 
 from bench import Setting
+from gda import layout
 from gda import teacher as science
+from gda.agreement import RESEED_OFFSET, agreement
 from gda.diffusion.loss import Draws, draw_losses, make_draws
 from gda.ekfac import DiffusionItems, fit_diffusion_factors, load_factors, select_modules
+from gda.teacher_data import candidate_batch, fit_items, images_and_states, open_teacher
 from gda.unlearning import baseline_losses, finite_scores, training_side
 
 FIT_IMAGES = 512  # training images (x one draw) for the side-by-side EK-FAC fit
@@ -148,34 +151,26 @@ def _timed(fn, *args, **kwargs) -> tuple[float, Any]:
 def run(setting: Setting) -> dict[str, Any]:
     from gda.registry import open_model
     from gda_assets.factory import build_resources
-    from gda_assets.teacher import build_teacher, candidate_batch, images_and_states, teacher_config, training_rows
+    from resources import home_store
 
     home, profile = setting.home, setting.profile
-    if not (home.artifacts / "training_gradients").is_dir() or not (home.artifacts / "ekfac_factors").is_dir():
+    if (
+        not (home.artifacts / layout.TRAINING_GRADIENTS).is_dir()
+        or not (home.artifacts / layout.EKFAC_FACTORS).is_dir()
+    ):
         raise FileNotFoundError(f"{home.root} has no teacher artifacts; run `gda demo --home {home.root}` first")
     resources = build_resources(home, profile, None)
-    settings, warehouse, corpus, artifacts = (resources[k] for k in ("teacher", "warehouse", "corpus", "artifacts"))
-    config = teacher_config(settings)
-    bundle, card = open_model(artifacts.path("diffusion_model"), setting.device)
-    modules = select_modules(bundle.unet, settings.modules)
-    rows = warehouse.named("corpus_for_training")
-    fit_rows = rows.head(FIT_IMAGES)
-    images, states = images_and_states(bundle, corpus, fit_rows)
-    items = DiffusionItems(
-        bundle,
-        images,
-        states,
-        fit_rows["id"].to_list(),
-        [0],
-        seed=settings.seed,
-        batch_size=settings.batch_size,
-        snr_gamma=card.snr_gamma,
-    )
+    store = home_store(resources["artifacts"], resources["warehouse"], resources["corpus"])
+    config = resources["teacher"].config()
+    bundle, card = open_model(store.folder(layout.DIFFUSION_MODEL), setting.device)
+    modules = select_modules(bundle.unet, config.modules)
+    fit_rows = store.tables.named("corpus_for_training").head(FIT_IMAGES)
+    items = fit_items(bundle, card, store, fit_rows, config, [0])
 
     # 1. EK-FAC fit, ours and kronfluence's, on the same items.
-    our_fit, ours = _timed(fit_diffusion_factors, items, settings.modules)
+    our_fit, ours = _timed(fit_diffusion_factors, items, config.modules)
     # kronfluence is compared on the CPU only (its test-only install has no CUDA build of its helpers).
-    kronfluence = _kronfluence_fit(items, settings.modules, card.snr_gamma) if setting.device == "cpu" else None
+    kronfluence = _kronfluence_fit(items, config.modules, card.snr_gamma) if setting.device == "cpu" else None
     fit = {"images": len(fit_rows), "draws": 1, "modules": len(modules), "ours_seconds": our_fit}
     if kronfluence is not None:
         fit |= {
@@ -185,10 +180,12 @@ def run(setting: Setting) -> dict[str, Any]:
         }
 
     # 3 (set-up). Real queries: the first train batch, with their DINO candidates.
-    shards = sorted(p.stem for p in (home.artifacts / "training_gradients").glob("*.safetensors"))
-    teacher = build_teacher(bundle, corpus, warehouse, artifacts, settings, shards)
-    batch_key = sorted(p.stem for p in (home.artifacts / "generated_queries").glob("train-*.safetensors"))[0]
-    batch = candidate_batch(warehouse, artifacts, batch_key)
+    shards = layout.stored_partitions(home.artifacts, layout.TRAINING_GRADIENTS)
+    teacher = open_teacher(bundle, store, config, shards)
+    batch_key = [
+        key for key in layout.stored_partitions(home.artifacts, layout.GENERATED_QUERIES) if key.startswith("train-")
+    ][0]
+    batch = candidate_batch(store, batch_key)
     dino = batch.candidates
     batch = science.select_queries(batch, batch.query_ids[:RESEEDED_QUERIES])
     n_queries = len(batch.query_ids)
@@ -206,7 +203,7 @@ def run(setting: Setting) -> dict[str, Any]:
     prepared, baseline_seconds, n_baselines = {}, 0.0, 0
     for query_id in finite_batch.query_ids:
         ids = finite_batch.candidates[query_id]
-        images, states = images_and_states(bundle, corpus, training_rows(warehouse, ids))
+        images, states = images_and_states(bundle, store, store.training_rows(ids))
         seconds, baseline = _timed(
             baseline_losses, bundle, images, states, ids, config.seed, science.timesteps(config), config.batch_size
         )
@@ -245,10 +242,10 @@ def run(setting: Setting) -> dict[str, Any]:
         config,
     )
 
-    reseed_seconds, reseeded_steps = _timed(teacher.deltas, batch, config.seed + 1_000_003)
+    reseed_seconds, reseeded_steps = _timed(teacher.deltas, batch, config.seed + RESEED_OFFSET)
     reseeded = teacher.scores(reseeded_steps, batch, "first_order")
-    modes = science.agreement({q: first_order[q] for q in finite}, finite, TOP).summary()
-    noise = science.agreement(first_order, reseeded, TOP).summary()
+    modes = agreement({q: first_order[q] for q in finite}, finite, TOP).summary()
+    noise = agreement(first_order, reseeded, TOP).summary()
 
     per_query_delta = delta_seconds / n_queries
     result: dict[str, Any] = {

@@ -3,8 +3,10 @@ score its candidates by the change of their loss (finite) or its linearisation (
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 
 import numpy as np
@@ -21,17 +23,30 @@ MODES = ("first_order", "finite")
 
 @dataclass(frozen=True)
 class TeacherConfig:
+    """Every teacher setting (``resources.TeacherSettings`` documents each; its ``config()`` makes this)."""
+
+    k_candidates: int  # DINO nearest neighbours scored per query
+    n_negatives: int  # random non-candidates kept per query for the student
+    seed: int  # of the scoring and query draws
+    modules: str  # parameters the unlearning step moves (gda.ekfac.select_modules)
+    fisher_draws: int  # fixed draws per training image for the EK-FAC fit
+    damping_factor: float
+    batch_size: int
     mode: str  # "first_order" | "finite"
+    full_ranking_splits: Sequence[str]  # query splits the first-order teacher ranks against every training image
+    agreement_queries: int  # queries per batch that the agreement checks recompute
+    agreement_candidates: int  # ... on their nearest this many DINO candidates
     relative_step: float
     query_draws: int
     scoring_timesteps: int
-    damping_factor: float
-    seed: int
-    batch_size: int
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"teacher mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+
+    def digest(self) -> str:
+        """12 hex digits that change with any setting (abu_scores.config_hash)."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -186,38 +201,3 @@ def restrict(
         position = {item: i for i, item in enumerate(batch.candidates[query_id])}
         out[query_id] = scores[query_id][[position[item] for item in ids]]
     return out
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's rank correlation (scores are continuous, so ties are not handled specially)."""
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
-@dataclass(frozen=True)
-class Agreement:
-    """How two teachers rank the same candidates: per query, Spearman and the overlap of their top ``top``."""
-
-    spearman: dict[int, float]
-    top_overlap: dict[int, float]
-    top: int
-
-    def summary(self) -> dict[str, float]:
-        rho, overlap = list(self.spearman.values()), list(self.top_overlap.values())
-        return {
-            "queries": len(rho),
-            "spearman_mean": float(np.mean(rho)),
-            "spearman_min": float(np.min(rho)),
-            f"top{self.top}_overlap_mean": float(np.mean(overlap)),
-        }
-
-
-def agreement(reference: Mapping[int, np.ndarray], other: Mapping[int, np.ndarray], top: int = 50) -> Agreement:
-    rho, overlap = {}, {}
-    for query_id, a in reference.items():
-        b = other[query_id]
-        n = min(top, len(a))
-        best_a, best_b = set(np.argsort(-a)[:n].tolist()), set(np.argsort(-b)[:n].tolist())
-        rho[query_id] = spearman(a, b)
-        overlap[query_id] = len(best_a & best_b) / n
-    return Agreement(rho, overlap, top)

@@ -1,9 +1,12 @@
 """How the distilled attribution is evaluated against the teacher."""
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import dagster as dg
 from pydantic import Field
+
+if TYPE_CHECKING:
+    from gda.evaluation import EvaluationConfig
 
 
 class EvaluationSettings(dg.ConfigurableResource):
@@ -23,3 +26,8 @@ class EvaluationSettings(dg.ConfigurableResource):
     loss_draws: int = Field(default=256, ge=1)  # fixed draws of the query loss before and after removal
     # Not the teacher's seed (1): delta L must not be measured on the draws the teacher unlearned.
     loss_seed: int = 2
+
+    def config(self) -> "EvaluationConfig":
+        from gda.evaluation import EvaluationConfig  # imports torch, which loading the definitions must not
+
+        return EvaluationConfig(**self.model_dump())

@@ -1,7 +1,12 @@
 """How the AbU+ teacher collects attributions: candidate counts, negatives, draws and the step size."""
 
+from typing import TYPE_CHECKING
+
 import dagster as dg
 from pydantic import Field
+
+if TYPE_CHECKING:
+    from gda.teacher import TeacherConfig
 
 
 class TeacherSettings(dg.ConfigurableResource):
@@ -25,3 +30,8 @@ class TeacherSettings(dg.ConfigurableResource):
     relative_step: float = 1e-3  # ||delta theta|| / ||theta0|| of the unlearning step
     query_draws: int = Field(default=64, ge=1)  # (t, eps) draws averaged into the unlearning gradient of a query
     scoring_timesteps: int = Field(default=20, ge=1)  # fixed draws per training image: t = 0, 50, ..., 950 for 20
+
+    def config(self) -> "TeacherConfig":
+        from gda.teacher import TeacherConfig  # imports torch, which loading the definitions must not
+
+        return TeacherConfig(**self.model_dump())

@@ -248,10 +248,8 @@ def test_demo_takes_the_baselines_from_the_training_side_pass(demo_home: Home) -
     from gda.diffusion.data import load_corpus_images
     from gda.teacher import timesteps
     from gda.unlearning import baseline_losses
-    from gda_assets.teacher import teacher_config
 
-    settings = TeacherSettings(**profile_values("tiny")["teacher"])
-    config = teacher_config(settings)
+    config = TeacherSettings(**profile_values("tiny")["teacher"]).config()
     bundle = load(
         weights_dir(demo_home.artifacts / "diffusion_model", read_card(demo_home.artifacts / "diffusion_model"))
     )
