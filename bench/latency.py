@@ -94,7 +94,7 @@ def run(setting: Setting) -> dict[str, Any]:
     from gda.audit import AuditLog
     from gda.registry import open_model
     from gda.service import open_engine
-    from gda.teacher_data import candidate_batch, open_teacher
+    from gda.teacher_data import candidate_batch, open_teacher, stored_baselines
     from gda_assets.factory import build_resources
     from resources import home_store
 
@@ -137,7 +137,8 @@ def run(setting: Setting) -> dict[str, Any]:
     store = home_store(resources["artifacts"], warehouse, resources["corpus"])
     bundle, _ = open_model(store.folder(layout.DIFFUSION_MODEL), setting.device)
     gradient_shards = layout.stored_partitions(home.artifacts, layout.TRAINING_GRADIENTS)
-    teacher = open_teacher(bundle, store, resources["teacher"].config(), gradient_shards)
+    baselines = stored_baselines(store, gradient_shards)
+    teacher = open_teacher(bundle, store, resources["teacher"].config(), gradient_shards, baselines)
     batch = candidate_batch(store, test["batch"][0])
     dino = batch.candidates
     teacher.side  # noqa: B018 (loaded once per process, as the asset does)

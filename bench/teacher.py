@@ -29,7 +29,7 @@ from gda import teacher as science
 from gda.agreement import RESEED_OFFSET, agreement
 from gda.diffusion.loss import Draws, draw_losses, make_draws
 from gda.ekfac import DiffusionItems, fit_diffusion_factors, load_factors, select_modules
-from gda.teacher_data import candidate_batch, fit_items, images_and_states, open_teacher
+from gda.teacher_data import candidate_batch, fit_items, images_and_states, open_teacher, stored_baselines
 from gda.unlearning import baseline_losses, finite_scores, training_side
 
 FIT_IMAGES = 512  # training images (x one draw) for the side-by-side EK-FAC fit
@@ -41,7 +41,7 @@ THROUGHPUT_ITEMS = 128  # candidates per round of the evaluation-rate measuremen
 ROUNDS = 3
 
 
-def _kronfluence_fit(items: DiffusionItems, which: str, snr_gamma: float | None) -> tuple[float, Any] | None:
+def _kronfluence_fit(items: DiffusionItems, which: str) -> tuple[float, Any] | None:
     """kronfluence's own EK-FAC fit of the same loss, items and draws; None when it is not installed."""
     try:
         from kronfluence.analyzer import Analyzer, prepare_model
@@ -61,7 +61,7 @@ def _kronfluence_fit(items: DiffusionItems, which: str, snr_gamma: float | None)
         def compute_train_loss(self, batch, model, sample=False):  # type: ignore[no-untyped-def]
             x, states, t, noise = batch
             moved = dataclasses.replace(bundle, unet=model)
-            return draw_losses(moved, x, states, Draws(t.unsqueeze(1), noise.unsqueeze(1)), snr_gamma).sum()
+            return draw_losses(moved, x, states, Draws(t.unsqueeze(1), noise.unsqueeze(1))).sum()
 
         def compute_measurement(self, batch, model):  # type: ignore[no-untyped-def]
             return self.compute_train_loss(batch, model)
@@ -165,12 +165,12 @@ def run(setting: Setting) -> dict[str, Any]:
     bundle, card = open_model(store.folder(layout.DIFFUSION_MODEL), setting.device)
     modules = select_modules(bundle.unet, config.modules)
     fit_rows = store.tables.named("corpus_for_training").head(FIT_IMAGES)
-    items = fit_items(bundle, card, store, fit_rows, config, [0])
+    items = fit_items(bundle, store, fit_rows, config, [0])
 
     # 1. EK-FAC fit, ours and kronfluence's, on the same items.
     our_fit, ours = _timed(fit_diffusion_factors, items, config.modules)
     # kronfluence is compared on the CPU only (its test-only install has no CUDA build of its helpers).
-    kronfluence = _kronfluence_fit(items, config.modules, card.snr_gamma) if setting.device == "cpu" else None
+    kronfluence = _kronfluence_fit(items, config.modules) if setting.device == "cpu" else None
     fit = {"images": len(fit_rows), "draws": 1, "modules": len(modules), "ours_seconds": our_fit}
     if kronfluence is not None:
         fit |= {
@@ -181,7 +181,7 @@ def run(setting: Setting) -> dict[str, Any]:
 
     # 3 (set-up). Real queries: the first train batch, with their DINO candidates.
     shards = layout.stored_partitions(home.artifacts, layout.TRAINING_GRADIENTS)
-    teacher = open_teacher(bundle, store, config, shards)
+    teacher = open_teacher(bundle, store, config, shards, stored_baselines(store, shards))
     batch_key = [
         key for key in layout.stored_partitions(home.artifacts, layout.GENERATED_QUERIES) if key.startswith("train-")
     ][0]

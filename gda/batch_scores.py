@@ -3,7 +3,7 @@ teachers agree with them on a few of its queries (the asset's agreement checks).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +19,7 @@ from gda.agreement import (
     AgreementCheck,
     agreement,
 )
+from gda.arrays import IdArray
 from gda.diffusion.bundle import DiffusionBundle
 from gda.model_card import ModelCard, weights_version
 from gda.store import Store
@@ -37,11 +38,17 @@ class BatchScores:
 
 
 def score_batch(
-    bundle: DiffusionBundle, card: ModelCard, store: Store, config: TeacherConfig, shards: list[str], batch_key: str
+    bundle: DiffusionBundle,
+    card: ModelCard,
+    store: Store,
+    config: TeacherConfig,
+    baselines: Mapping[str, IdArray],
+    batch_key: str,
 ) -> BatchScores:
     """AbU+ scores of every query of ``batch_key`` against its DINO candidates, or, in first-order mode for a
-    batch of ``config.full_ranking_splits`` queries, against every training image of ``shards``."""
-    model = open_teacher(bundle, store, config, shards)
+    batch of ``config.full_ranking_splits`` queries, against every training image of the shards of
+    ``baselines`` (each shard's ``baseline_losses``)."""
+    model = open_teacher(bundle, store, config, sorted(baselines), baselines.values())
     batch = candidate_batch(store, batch_key)
     dino = batch.candidates
     splits = set(store.tables.named("batch_splits", [batch_key])["split"].to_list())

@@ -235,11 +235,12 @@ def rank_evaluation(
     features: Features,
     teacher_config: TeacherConfig,
     config: EvaluationConfig,
-    shards: list[str],
+    baselines: Mapping[str, IdArray],
     device: str,
 ) -> RankEvaluation:
     """mAP(L) of every method against the teacher's ranking of each test query (the same ranked set for every
-    method), the teacher with other query draws opened over the training side of ``shards`` on ``device``."""
+    method), the teacher with other query draws opened on ``device`` over the training side of the shards of
+    ``baselines`` (each shard's ``baseline_losses``)."""
     teacher = teacher_rankings(store)
     train_ids, train_features = features.training()
     query_ids, query_features = features.queries()
@@ -250,7 +251,7 @@ def rank_evaluation(
         rankings[method] = cosine_rankings(queries, train, rows, train_ids)
     bundle, _ = open_model(store.folder(layout.DIFFUSION_MODEL), device)
     rankings["teacher_reseeded"] = _reseeded_rankings(
-        open_teacher(bundle, store, teacher_config, shards), store, teacher
+        open_teacher(bundle, store, teacher_config, sorted(baselines), baselines.values()), store, teacher
     )
     rankings = {method: restrict(ranking, teacher) for method, ranking in rankings.items()}
     levels = levels_for(len(train_ids), config.l_fractions)

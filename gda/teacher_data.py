@@ -49,7 +49,6 @@ def draw_provenance(model_version: str, config: TeacherConfig) -> dict[str, str]
 
 def fit_items(
     bundle: DiffusionBundle,
-    card: ModelCard,
     store: Store,
     rows: pl.DataFrame,
     config: TeacherConfig,
@@ -66,7 +65,6 @@ def fit_items(
         list(draw_indices),
         seed=config.seed,
         batch_size=config.batch_size,
-        snr_gamma=card.snr_gamma,
     )
 
 
@@ -84,7 +82,7 @@ def fit_factors(
     """EK-FAC factors of ``config.modules`` over every training image x ``config.fisher_draws`` fixed draws,
     saved in ``folder`` in kronfluence's layout."""
     rows = store.tables.named("corpus_for_training")
-    items = fit_items(bundle, card, store, rows, config, range(config.fisher_draws))
+    items = fit_items(bundle, store, rows, config, range(config.fisher_draws))
     started = time.perf_counter()
     factors = fit_diffusion_factors(items, config.modules)
     seconds = time.perf_counter() - started
@@ -137,13 +135,20 @@ def shard_baselines(store: Store, card: ModelCard, config: TeacherConfig, shard:
     return Baselines(array, float(values.mean()), source)
 
 
-def _finite_items(bundle: DiffusionBundle, store: Store, config: TeacherConfig, shards: list[str]) -> FiniteItems:
-    """For the finite teacher: a function from train ids to (images, prompt states, baseline losses).
-    Baselines come from the stored ``baseline_losses`` where a shard has them, else they are computed for
-    just those ids (the first-order default scores a few candidates finitely only for its checks)."""
+def stored_baselines(store: Store, shards: Iterable[str]) -> list[IdArray]:
+    """The ``baseline_losses`` arrays of those ``shards`` that have one, for callers outside Dagster (an asset
+    declares ``baseline_losses`` as an input instead)."""
     files = [store.file(layout.BASELINE_LOSSES, shard) for shard in shards]
-    stored = [arrays.load(path) for path in files if path.exists()]
-    baseline_of = {int(i): torch.from_numpy(v) for array in stored for i, v in zip(array.ids, array.values)}
+    return [arrays.load(path) for path in files if path.exists()]
+
+
+def _finite_items(
+    bundle: DiffusionBundle, store: Store, config: TeacherConfig, baselines: Iterable[IdArray]
+) -> FiniteItems:
+    """For the finite teacher: a function from train ids to (images, prompt states, baseline losses).
+    Baselines come from ``baselines`` where they hold the ids, else they are computed for just those ids (the
+    first-order default scores a few candidates finitely only for its checks)."""
+    baseline_of = {int(i): torch.from_numpy(v) for array in baselines for i, v in zip(array.ids, array.values)}
 
     def items(ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         images, states = images_and_states(bundle, store, store.training_rows(ids))
@@ -158,9 +163,11 @@ def _finite_items(bundle: DiffusionBundle, store: Store, config: TeacherConfig, 
     return items
 
 
-def open_teacher(bundle: DiffusionBundle, store: Store, config: TeacherConfig, shards: list[str]) -> Teacher:
-    """The AbU+ teacher over the home's model, factors and training-side data of ``shards`` (also what
-    ``gda bench teacher`` measures)."""
+def open_teacher(
+    bundle: DiffusionBundle, store: Store, config: TeacherConfig, shards: list[str], baselines: Iterable[IdArray]
+) -> Teacher:
+    """The AbU+ teacher over the home's model, factors and training-side data of ``shards``, with the stored
+    ``baselines`` of the finite mode (also what ``gda bench teacher`` measures)."""
     modules = select_modules(bundle.unet, config.modules)
     return Teacher(
         bundle,
@@ -170,7 +177,7 @@ def open_teacher(bundle: DiffusionBundle, store: Store, config: TeacherConfig, s
         load_side=lambda: unlearning.concat_sides(
             [unlearning.load_training_side(store.file(layout.TRAINING_GRADIENTS, shard)) for shard in shards]
         ),
-        finite_items=_finite_items(bundle, store, config, shards),
+        finite_items=_finite_items(bundle, store, config, baselines),
     )
 
 

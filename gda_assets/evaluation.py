@@ -8,7 +8,7 @@ from gda import layout
 from gda.arrays import IdArray
 from gda_assets.checks import Partition, column_schema, table_check_results, table_check_specs
 from gda_assets.metadata import png_markdown
-from gda_assets.partitions import every_partition, shard_partitions
+from gda_assets.partitions import every_partition
 from resources import Artifacts, Compute, CorpusSource, EvaluationSettings, TeacherSettings, Warehouse, home_store
 
 FEATURES = every_partition(
@@ -19,7 +19,7 @@ FEATURES = every_partition(
 @dg.asset(
     code_version="1",
     group_name="evaluation",
-    ins=FEATURES,
+    ins={**FEATURES, **every_partition(layout.BASELINE_LOSSES)},
     # The reseeded teacher reads the model, its factors and training side, and the test queries' batches.
     deps=[
         layout.ABU_SCORES,
@@ -28,7 +28,6 @@ FEATURES = every_partition(
         layout.TRAINING_IMAGES,
         layout.EKFAC_FACTORS,
         layout.TRAINING_GRADIENTS,
-        layout.BASELINE_LOSSES,
         layout.GENERATED_QUERIES,
     ],
     kinds={"pytorch", "duckdb"},
@@ -51,15 +50,17 @@ def rank_eval(
     text_features: dict[str, IdArray],
     query_image_features: dict[str, IdArray],
     query_text_features: dict[str, IdArray],
+    baseline_losses: dict[str, IdArray],
 ):
     from gda import evaluation as science
 
     warehouse.ensure_tables()
     features = science.Features(image_features, text_features, query_image_features, query_text_features)
-    shards = sorted(context.instance.get_dynamic_partitions(shard_partitions.name))
     store = home_store(artifacts, warehouse, corpus)
     try:
-        result = science.rank_evaluation(store, features, teacher.config(), evaluation.config(), shards, compute.device)
+        result = science.rank_evaluation(
+            store, features, teacher.config(), evaluation.config(), baseline_losses, compute.device
+        )
     except ValueError as error:
         raise dg.Failure(str(error)) from error
     warehouse.replace_table("eval_rank", result.frame)

@@ -221,8 +221,8 @@ def _abu_check_specs() -> list[dg.AssetCheckSpec]:
         layout.EKFAC_FACTORS,
         layout.GENERATED_QUERIES,
         layout.TRAINING_GRADIENTS,
-        layout.BASELINE_LOSSES,
     ],
+    ins=every_partition(layout.BASELINE_LOSSES),
     io_manager_key="batch_tables_io",
     kinds={"pytorch", "duckdb"},
     metadata={"partition_expr": "batch", "dagster/column_schema": column_schema("abu_scores")},
@@ -240,17 +240,16 @@ def abu_scores(
     warehouse: Warehouse,
     artifacts: Artifacts,
     teacher: TeacherSettings,
+    baseline_losses: dict[str, IdArray],
 ):
     from gda.batch_scores import score_batch
 
     batch_key = context.partition_key
     warehouse.ensure_tables()
     bundle, card = open_model(artifacts.path(layout.DIFFUSION_MODEL), compute.device)
-    shards = sorted(context.instance.get_dynamic_partitions(shard_partitions.name))
+    store = home_store(artifacts, warehouse, corpus)
     try:
-        scored = score_batch(
-            bundle, card, home_store(artifacts, warehouse, corpus), teacher.config(), shards, batch_key
-        )
+        scored = score_batch(bundle, card, store, teacher.config(), baseline_losses, batch_key)
     except ValueError as error:
         raise dg.Failure(str(error)) from error
     yield dg.Output(
