@@ -13,10 +13,11 @@ import duckdb
 import torch
 
 from bench import Setting
-from gda.diffusion import ScratchModelConfig, build_from_scratch, evaluate_loss, load, sample, train
+from gda.diffusion import ScratchModelConfig, build_from_scratch, evaluate_loss, sample, train
 from gda.home import Home
-from gda.model_card import read_card, weights_dir
+from gda.model_card import read_card
 from gda.profiles import profile_values
+from gda.registry import open_model
 from resources.diffusion import SamplingSettings
 
 BATCH = 64
@@ -28,12 +29,10 @@ SAMPLE_IMAGES = 4
 
 def _bundle(home: Home, profile: str):
     folder = home.artifacts / "diffusion_model"
-    if (folder / "model_card.json").exists():
-        card = read_card(folder)
-        if card.kind == "scratch":
-            return load(weights_dir(folder, card)), "home", card.training.get("snr_gamma")
+    if (folder / "model_card.json").exists() and read_card(folder).kind == "scratch":
+        return open_model(folder, "cpu")[0], "home"
     values = profile_values(profile)["diffusion"]
-    return build_from_scratch(ScratchModelConfig(**values.get("model", {}))), "profile config (untrained)", None
+    return build_from_scratch(ScratchModelConfig(**values.get("model", {}))), "profile config (untrained)"
 
 
 def _steady_train_seconds(bundle, images: torch.Tensor, captions: list[list[str]], steps: int) -> float:
@@ -62,7 +61,7 @@ def _colour_accuracy(home: Home) -> dict[str, Any] | None:
 
 def run(setting: Setting) -> dict[str, Any]:
     home, profile, values = setting.home, setting.profile, setting.values
-    bundle, source, snr_gamma = _bundle(home, profile)
+    bundle, source = _bundle(home, profile)
     generator = torch.Generator().manual_seed(0)
     c, h, w = bundle.sample_shape
     images = torch.rand(BATCH * 4, 3, h, w, generator=generator) * 2 - 1
@@ -73,7 +72,7 @@ def run(setting: Setting) -> dict[str, Any]:
     states = bundle.text.encode_prompts([caption[0] for caption in captions[:BATCH]]).repeat(LOSS_ITEMS // BATCH, 1, 1)
     x0 = torch.rand(LOSS_ITEMS, c, h, w, generator=generator) * 2 - 1
     started = time.perf_counter()
-    evaluate_loss(bundle, x0, states, list(range(LOSS_ITEMS)), [0], seed=1, snr_gamma=snr_gamma, batch_size=BATCH)
+    evaluate_loss(bundle, x0, states, list(range(LOSS_ITEMS)), [0], seed=1, batch_size=BATCH)
     loss_rate = LOSS_ITEMS / (time.perf_counter() - started)
 
     timesteps = torch.full((BATCH,), 500)

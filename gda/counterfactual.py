@@ -88,7 +88,7 @@ class Query:
     prompt_states: torch.Tensor  # (tokens, dim), as used for generation
 
 
-def query_loss(bundle: DiffusionBundle, query: Query, n_draws: int, seed: int, snr_gamma: float | None) -> float:
+def query_loss(bundle: DiffusionBundle, query: Query, n_draws: int, seed: int) -> float:
     """L(ẑ, θ) averaged over draws 0..n_draws-1 of (seed, query id): the same draws for every model."""
     losses = evaluate_loss(
         bundle,
@@ -97,7 +97,6 @@ def query_loss(bundle: DiffusionBundle, query: Query, n_draws: int, seed: int, s
         [query.query_id],
         range(n_draws),
         seed,
-        snr_gamma=snr_gamma,
     )
     return float(losses[0])
 
@@ -201,8 +200,8 @@ def evaluate_cell(
         retrained, result = retrain(model_config, card.training, data.without(removed), device)
         log(f"query {query.query_id}: retrained without {cell.method}'s top {cell.k} in {result.seconds:.0f} s")
         settings = {name: sampling[query.query_id][name] for name in ("steps", "guidance_scale", "guidance_rescale")}
-        before = query_loss(original, query, config.loss_draws, config.loss_seed, card.snr_gamma)
-        after = query_loss(retrained, query, config.loss_draws, config.loss_seed, card.snr_gamma)
+        before = query_loss(original, query, config.loss_draws, config.loss_seed)
+        after = query_loss(retrained, query, config.loss_draws, config.loss_seed)
         measured.append(
             {
                 "query_id": query.query_id,

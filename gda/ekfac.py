@@ -567,7 +567,6 @@ class DiffusionItems:
     seed: int
     timesteps: Sequence[int] | None = None
     batch_size: int = 16
-    snr_gamma: float | None = None
 
     def __post_init__(self) -> None:
         ids = self.item_ids.tolist() if isinstance(self.item_ids, torch.Tensor) else self.item_ids
@@ -600,7 +599,7 @@ class DiffusionItems:
             self.timesteps,
             scheduler.config.num_train_timesteps,
         )
-        return draw_losses(self.bundle, batch.x0, batch.prompt_states, draws, self.snr_gamma).mean(dim=1)
+        return draw_losses(self.bundle, batch.x0, batch.prompt_states, draws).mean(dim=1)
 
 
 def fit_diffusion_factors(items: DiffusionItems, which: Which | Mapping[str, nn.Module] = "kv") -> EkfacFactors:

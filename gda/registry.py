@@ -17,4 +17,6 @@ def open_model(folder: Path, device: str) -> tuple[DiffusionBundle, ModelCard]:
 
     card = read_card(folder)
     loader = load if card.kind == "scratch" else load_pretrained
-    return loader(weights_dir(folder, card)).to(device), card
+    bundle = loader(weights_dir(folder, card)).to(device)
+    bundle.snr_gamma = card.snr_gamma
+    return bundle, card

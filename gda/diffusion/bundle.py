@@ -101,6 +101,11 @@ class DiffusionBundle:
     vae: AutoencoderKL | None = None
     kind: Literal["scratch", "pretrained"] = "scratch"
     config: ScratchModelConfig | None = field(default=None)
+    # The min-SNR weighting the model was trained with (None: plain MSE). It lives here, not in the callers,
+    # so that training, the EK-FAC fit, the unlearning step, the scores and the counterfactual losses all
+    # compute the same loss: gda.registry.open_model sets it from the model card, gda.diffusion.train
+    # from the recipe it trains with.
+    snr_gamma: float | None = None
 
     @property
     def device(self) -> torch.device:

@@ -132,9 +132,9 @@ def draw_losses(
     x0: torch.Tensor,
     prompt_states: torch.Tensor,
     draws: Draws,
-    snr_gamma: float | None = None,
 ) -> torch.Tensor:
-    """Differentiable loss per (item, draw), shape (n, d), from model-space x0 and given draws.
+    """Differentiable loss per (item, draw), shape (n, d), from model-space x0 and given draws, weighted as
+    the model was trained (``bundle.snr_gamma``).
 
     All n*d noisy inputs go through one UNet call; chunk items outside if memory is short.
     """
@@ -158,8 +158,8 @@ def draw_losses(
         raise ValueError(f"unsupported prediction type {prediction!r}")
     predicted = bundle.unet(noisy, t, encoder_hidden_states=states).sample
     losses = (predicted.to(target.dtype) - target).pow(2).mean(dim=(1, 2, 3))
-    if snr_gamma is not None:
-        losses = losses * _min_snr_weight(bundle, t, snr_gamma)
+    if bundle.snr_gamma is not None:
+        losses = losses * _min_snr_weight(bundle, t, bundle.snr_gamma)
     return losses.view(n, d)
 
 
@@ -171,7 +171,6 @@ def per_item_loss(
     draw_indices: Sequence[int],
     seed: int,
     timesteps: Sequence[int] | None = None,
-    snr_gamma: float | None = None,
 ) -> torch.Tensor:
     """Differentiable loss per item (n,), averaged over the draws `draw_indices` of each item id.
 
@@ -182,7 +181,7 @@ def per_item_loss(
     draws = make_draws(
         item_ids, draw_indices, seed, bundle.sample_shape, timesteps, bundle.scheduler.config.num_train_timesteps
     )
-    return draw_losses(bundle, x0, prompt_states, draws, snr_gamma).mean(dim=1)
+    return draw_losses(bundle, x0, prompt_states, draws).mean(dim=1)
 
 
 @torch.no_grad()
@@ -194,7 +193,6 @@ def evaluate_loss(
     draw_indices: Sequence[int],
     seed: int,
     timesteps: Sequence[int] | None = None,
-    snr_gamma: float | None = None,
     batch_size: int = 64,
 ) -> torch.Tensor:
     """`per_item_loss` for scoring: no autograd, `batch_size` items per UNet call, float32 on the CPU."""
@@ -210,7 +208,6 @@ def evaluate_loss(
             draw_indices,
             seed,
             timesteps,
-            snr_gamma,
         ).cpu()
         for i in range(0, len(ids), batch_size)
     ]

@@ -69,6 +69,7 @@ def train(
     if n == 0 or steps < 1 or batch_size < 1 or log_every < 1:
         raise ValueError("need at least one image, and steps, batch_size and log_every >= 1")
     start = time.perf_counter()
+    bundle.snr_gamma = snr_gamma
     prompts, caption_ids = _caption_table(captions)
     states = bundle.text.encode_prompts(prompts)
     x0 = encode_images(bundle, images)
@@ -97,7 +98,7 @@ def train(
             flip = (torch.rand(len(idx), generator=generator) < 0.5).to(x0.device)
             batch = torch.where(flip[:, None, None, None], x0_flipped[rows], batch)
         draws = make_draws(idx, [step], seed, bundle.sample_shape, None, bundle.scheduler.config.num_train_timesteps)
-        loss = draw_losses(bundle, batch, states[prompt_ids], draws, snr_gamma).mean()
+        loss = draw_losses(bundle, batch, states[prompt_ids], draws).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if max_grad_norm is not None:

@@ -79,13 +79,13 @@ def test_removing_nothing_retrains_theta0_exactly(data: cf.TrainingSet, theta0, 
     assert result.steps == RECIPE["steps"]
     for (name, a), b in zip(theta0.unet.state_dict().items(), same.unet.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    assert cf.query_loss(same, query, 16, 2, None) == cf.query_loss(theta0, query, 16, 2, None)
+    assert cf.query_loss(same, query, 16, 2) == cf.query_loss(theta0, query, 16, 2)
     assert cf.regeneration_mse(same, query, {"steps": 4, "guidance_scale": 2.0}) == 0.0
 
 
 def test_removing_images_changes_the_model_and_the_query(data: cf.TrainingSet, theta0, query: cf.Query) -> None:
     reduced, _ = cf.retrain(TINY, RECIPE, data.without(data.ids[:5].tolist()))
-    before, after = cf.query_loss(theta0, query, 16, 2, None), cf.query_loss(reduced, query, 16, 2, None)
+    before, after = cf.query_loss(theta0, query, 16, 2), cf.query_loss(reduced, query, 16, 2)
     assert math.isfinite(after - before) and after != before
     mse = cf.regeneration_mse(reduced, query, {"steps": 4, "guidance_scale": 2.0})
     assert 0 < mse < 1

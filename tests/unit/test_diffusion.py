@@ -93,7 +93,7 @@ def test_loss_is_differentiable_and_weighting_applies(scratch: DiffusionBundle) 
     with torch.no_grad():
         draws = make_draws([0, 1, 2, 3], [0, 1], seed=0, sample_shape=scratch.sample_shape, timesteps=[10, 900])
         plain = draw_losses(scratch, images, states, draws)
-        weighted = draw_losses(scratch, images, states, draws, snr_gamma=5.0)
+        weighted = draw_losses(replace(scratch, snr_gamma=5.0), images, states, draws)
     # Min-SNR-5 on eps-prediction scales down only the high-SNR (small t) draw.
     assert torch.all(weighted[:, 0] < plain[:, 0])
     assert torch.allclose(weighted[:, 1], plain[:, 1])
@@ -244,3 +244,36 @@ def test_incomplete_stable_diffusion_folder_is_named(tmp_path: Path) -> None:
         load_pretrained(sd)
     with pytest.raises(ModelFolderError, match="does not exist"):
         load_pretrained(tmp_path / "nowhere")
+
+
+def test_every_loss_of_an_opened_model_uses_the_weighting_it_was_trained_with(tmp_path: Path) -> None:
+    from gda.ekfac import DiffusionItems
+    from gda.model_card import ModelCard, weights_version, write_card
+    from gda.registry import open_model
+    from gda.unlearning import baseline_losses
+
+    images = _images(4, seed=3)
+    captions = [["a"], ["b"], ["c"], ["d"]]
+    trained = build_from_scratch(TINY)
+    train(trained, images, captions, steps=2, batch_size=2, snr_gamma=5.0)
+    assert trained.snr_gamma == 5.0
+    save(trained, tmp_path / "weights")
+    version = weights_version(tmp_path / "weights")
+    write_card(tmp_path, ModelCard("scratch", "weights", version, training={"snr_gamma": 5.0}))
+    opened, _ = open_model(tmp_path, "cpu")
+    states = opened.text.encode_prompts(["a", "b", "c", "d"])
+    ids, t = [0, 1, 2, 3], [10, 900]
+    # Computed by hand: the plain per-draw MSE times the min-SNR-5 weight of eps-prediction, min(snr, 5) / snr.
+    with torch.no_grad():
+        draws = make_draws(ids, [0, 1], seed=1, sample_shape=opened.sample_shape, timesteps=t)
+        plain = draw_losses(replace(opened, snr_gamma=None), images, states, draws)
+        alphas = opened.scheduler.alphas_cumprod[torch.tensor(t)]
+        snr = alphas / (1 - alphas)
+        expected = (plain * (snr.clamp(max=5.0) / snr)).mean(dim=1)
+    scored = baseline_losses(opened, images, states, ids, seed=1, timesteps=t, flip=False)[:, 0]
+    assert torch.allclose(scored, expected, rtol=1e-5)
+    items = DiffusionItems(opened, images, states, ids, [0, 1], seed=1, timesteps=t, batch_size=4)
+    with torch.no_grad():
+        fitted = items.loss_fn(next(iter(items)))
+    assert torch.allclose(fitted, expected, rtol=1e-5)
+    assert not torch.allclose(scored, plain.mean(dim=1), rtol=1e-3)
