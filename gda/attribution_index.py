@@ -212,3 +212,32 @@ def load_index(path: Path) -> AttributionIndex:
     except (OSError, KeyError, TypeError, ValueError, RuntimeError) as error:
         raise ValueError(f"{path}: not a valid attribution index ({type(error).__name__}: {error})") from error
     return AttributionIndex(index, manifest)
+
+
+@dataclass(frozen=True)
+class IndexRefresh:
+    index: AttributionIndex
+    action: str  # update_index's
+    embedded: int  # training embeddings given, over every shard
+    complete: bool  # the index holds exactly those vectors, from exactly those shards
+
+
+def refresh_index(
+    path: Path, embedder_version: str, shards: Mapping[str, IdArray], settings: SearchSettings
+) -> IndexRefresh:
+    """`update_index` of the index saved at `path` (if any) with `shards`, saved back to `path`. ValueError if a
+    shard was embedded by another embedder version than `embedder_version`: indexing it would mix spaces."""
+    stale = sorted(name for name, shard in shards.items() if shard.metadata.get("embedder_version") != embedder_version)
+    if stale:
+        raise ValueError(
+            f"training_embeddings of shards {', '.join(stale)} come from another embedder version; "
+            "re-materialize them before the index"
+        )
+    current = load_index(path) if path.exists() else None
+    updated, action = update_index(current, embedder_version, shards, settings)
+    save_index(path, updated)
+    embedded = sum(len(shard.ids) for shard in shards.values())
+    complete = updated.faiss_index.ntotal == updated.manifest.count == embedded and sorted(
+        updated.manifest.shards
+    ) == sorted(shards)
+    return IndexRefresh(updated, action, embedded, complete)

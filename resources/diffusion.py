@@ -1,10 +1,16 @@
 """The text-to-image model: where it comes from (trained from scratch here, or a local Stable Diffusion
 folder), how it is trained, and how queries are sampled from it."""
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import dagster as dg
 from pydantic import Field, field_validator, model_validator
 
 from gda.paths import model_folder, resolved
+
+if TYPE_CHECKING:  # gda.model_source imports torch and diffusers, which loading the definitions must not
+    from gda.model_source import ModelSource
 
 
 class ScratchModelSettings(dg.Config):
@@ -60,6 +66,20 @@ class DiffusionSource(dg.ConfigurableResource):
         if self.kind == "pretrained" and not self.pretrained_path:
             raise ValueError("kind 'pretrained' needs pretrained_path: a local Stable Diffusion folder")
         return self
+
+    def config(self) -> "ModelSource":
+        from gda.diffusion import ScratchModelConfig
+        from gda.model_source import ModelSource, SamplingConfig, TrainingRecipe
+
+        return ModelSource(
+            kind=self.kind,
+            pretrained_path=Path(self.pretrained_path) if self.pretrained_path else None,
+            shipped_checkpoint=Path(self.shipped_checkpoint) if self.shipped_checkpoint else None,
+            retrain=self.retrain,
+            model=ScratchModelConfig(**self.model.model_dump()),
+            training=TrainingRecipe(**self.training.model_dump()),
+            sampling=SamplingConfig(**self.sampling.model_dump()),
+        )
 
 
 class QueryPlan(dg.ConfigurableResource):

@@ -1,7 +1,12 @@
 """How the teacher is distilled into the embedder, and how its embeddings are indexed for search."""
 
+from typing import TYPE_CHECKING
+
 import dagster as dg
 from pydantic import Field
+
+if TYPE_CHECKING:  # gda.student imports torch, which loading the definitions must not
+    from gda.student import StudentConfig
 
 
 class StudentSettings(dg.ConfigurableResource):
@@ -22,6 +27,11 @@ class StudentSettings(dg.ConfigurableResource):
     p_negative: float = Field(default=0.1, ge=0.0, lt=1.0)  # pairs replaced by a random non-candidate, label 1
     per_query: int | None = Field(default=None, ge=1)  # candidates kept per training query (None: all of them)
     val_fraction_l: float = 0.01  # validation mAP positives: this fraction of the training set
+
+    def config(self) -> "StudentConfig":
+        from gda.student import StudentConfig
+
+        return StudentConfig(**{**self.model_dump(), "widths": tuple(self.widths)})
 
 
 class IndexSettings(dg.ConfigurableResource):

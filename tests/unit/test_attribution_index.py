@@ -11,7 +11,7 @@ import pytest
 import gda.attribution_index as attribution_index
 from gda.arrays import IdArray
 from gda.arrays import save as save_array
-from gda.attribution_index import load_index, save_index, search, update_index
+from gda.attribution_index import load_index, refresh_index, save_index, search, update_index
 from gda.corpus.shards import image_id
 from gda.index import SearchSettings
 
@@ -141,6 +141,23 @@ def test_an_interrupted_save_leaves_the_old_index_readable(tmp_path: Path, monke
         save_index(path, new)
     assert load_index(path).manifest == old.manifest
     assert [p.name for p in tmp_path.iterdir()] == ["index.safetensors"]
+
+
+def test_refresh_adds_to_the_saved_index_and_refuses_embeddings_of_another_embedder(tmp_path: Path) -> None:
+    def embedded(number: int, rows: int, version: str = "emb1") -> IdArray:
+        plain = shard(number, rows)
+        return IdArray(plain.ids, plain.values, metadata={"embedder_version": version})
+
+    path = tmp_path / "attribution_index" / "index.safetensors"
+    first = refresh_index(path, "emb1", {"00000": embedded(0, 40)}, EXACT)
+    assert (first.action, first.embedded, first.complete) == ("built", 40, True)
+    both = {"00000": embedded(0, 40), "00001": embedded(1, 30)}
+    second = refresh_index(path, "emb1", both, EXACT)
+    assert (second.action, second.embedded, second.complete) == ("added 1 shards", 70, True)
+    assert load_index(path).manifest == second.index.manifest
+    with pytest.raises(ValueError, match="shards 00001 come from another embedder version"):
+        refresh_index(path, "emb1", {**both, "00001": embedded(1, 30, "emb0")}, EXACT)
+    assert load_index(path).manifest == second.index.manifest
 
 
 def test_errors_are_one_line(tmp_path: Path) -> None:

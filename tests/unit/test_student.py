@@ -8,8 +8,7 @@ import polars as pl
 import pytest
 
 from gda.arrays import IdArray
-from gda.embedder import EmbedderConfig
-from gda.student import distill, feature_matrix, top_of_rankings
+from gda.student import StudentConfig, distill, feature_matrix, top_of_rankings
 
 
 def _array(ids: list[int], dim: int, offset: float) -> IdArray:
@@ -58,10 +57,23 @@ def test_distill_fits_on_train_queries_and_validates_on_whole_val_rankings() -> 
     scores = pl.DataFrame(
         rows, schema=["query_id", "train_id", "rank", "n_candidates", "split"], orient="row"
     ).with_columns(pl.col("rank").cast(pl.Int32), pl.col("n_candidates").cast(pl.Int32))
-    config = EmbedderConfig(input_dim=dim, image_dim=4, widths=(16, 8), batch_size=256, epochs=2, lr=1e-2)
-    result = distill(config, scores, train, queries, top_k=20, p_negative=0.1, per_query=None, val_fraction_l=0.1)
+    config = StudentConfig(
+        widths=(16, 8),
+        dropout=0.1,
+        normalise_parts=True,
+        lr=1e-2,
+        weight_decay=0.01,
+        batch_size=256,
+        epochs=2,
+        seed=0,
+        top_k=20,
+        p_negative=0.1,
+        per_query=None,
+        val_fraction_l=0.1,
+    )
+    result = distill(config, scores, train, queries, image_dim=4)
     assert (result.train_queries, result.val_queries, result.L) == (24, 6, 12)
     assert result.pairs == 24 * 20
     assert len(result.history) == 2 and all(0 <= r.val_map <= 1 for r in result.history)
     with pytest.raises(ValueError, match="train-split"):
-        distill(config, scores.filter(pl.col("split") == "val"), train, queries, 20, 0.1, None, 0.1)
+        distill(config, scores.filter(pl.col("split") == "val"), train, queries, image_dim=4)
