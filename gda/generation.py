@@ -5,7 +5,7 @@ shows."""
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import polars as pl
@@ -45,9 +45,7 @@ def generate_queries(
         bundle,
         prompts["prompt"].to_list(),
         prompts["seed"].to_list(),
-        steps=sampling.steps,
-        guidance_scale=sampling.guidance_scale,
-        guidance_rescale=sampling.guidance_rescale,
+        **asdict(sampling),
         dtype=dtype,
     )
     images = to_pil(result.images)

@@ -52,6 +52,8 @@ class TrainingRecipe:
 
 @dataclass(frozen=True)
 class SamplingConfig:
+    """``gda.diffusion.sample``'s keyword arguments, passed as ``**asdict(...)`` so none is left behind."""
+
     steps: int
     guidance_scale: float
     guidance_rescale: float
@@ -155,14 +157,7 @@ def model_summary(
         .head(PREVIEW_PROMPTS)
         .to_list()
     )
-    result = sample(
-        bundle,
-        preview,
-        list(range(len(preview))),
-        steps=sampling.steps,
-        guidance_scale=sampling.guidance_scale,
-        guidance_rescale=sampling.guidance_rescale,
-    )
+    result = sample(bundle, preview, list(range(len(preview))), **asdict(sampling))
     grid = plots.image_grid_png(
         result.images.permute(0, 2, 3, 1).cpu().numpy(), preview, title="samples for training captions"
     )
