@@ -73,15 +73,13 @@ def unlearning_deltas(
     config: TeacherConfig,
     query_seed: int | None = None,
 ) -> list[unlearning.UnlearningStep]:
-    """One unlearning step per query; its draws come from ``query_seed`` (default: the config's seed)."""
+    """One unlearning step per query, all queries' gradients in shared passes; the draws come from
+    ``query_seed`` (default: the config's seed)."""
     seed = config.seed if query_seed is None else query_seed
-    steps = []
-    for row, query_id in enumerate(batch.query_ids):
-        grad = unlearning.query_gradient(
-            bundle, modules, batch.samples[row], batch.prompt_states[row], query_id, config.query_draws, seed
-        )
-        steps.append(unlearning.unlearning_step(factors, grad, config.relative_step, modules, config.damping_factor))
-    return steps
+    grads = unlearning.query_gradients(
+        bundle, modules, batch.samples, batch.prompt_states, batch.query_ids, config.query_draws, seed
+    )
+    return unlearning.unlearning_steps(factors, grads, config.relative_step, modules, config.damping_factor)
 
 
 def first_order_scores(

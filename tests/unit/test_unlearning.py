@@ -23,6 +23,9 @@ N_TRAIN, N_QUERY, QUERY_DRAWS = 24, 3, 64
 FIT_SEED, SCORE_SEED, QUERY_SEED = 1, 5, 2
 QUERY_IDS = [100 + i for i in range(N_QUERY)]
 IDS = list(range(1000, 1000 + N_TRAIN))  # train ids unlike positions, to catch id/position mix-ups
+# Batched and per-query gradients sum the same float32 products (QUERY_DRAWS x tokens per entry) in another
+# order: a relative difference of a few float32 epsilons (6e-8) times sqrt(terms), far below 1e-5.
+FLOAT32_SUMS = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +126,33 @@ def test_query_gradient_is_the_mean_over_draws_and_batch_invariant(
         assert torch.allclose(batched[name], grad.double(), rtol=1e-4, atol=1e-7 * grad.abs().max())
         assert torch.allclose(small[name], batched[name], rtol=1e-4, atol=1e-6 * grad.abs().max())
     assert all(p.grad is None for p in bundle.unet.parameters())
+
+
+def test_batched_queries_match_the_per_query_path(
+    bundle: DiffusionBundle,
+    data: dict,
+    modules: dict,
+    factors: ekfac.EkfacFactors,
+    steps: list,
+    side: unlearning.TrainingSide,
+) -> None:
+    # Two queries per pass, so the three queries take two passes of different sizes.
+    grads = unlearning.query_gradients(
+        bundle, modules, data["qx"], data["qstates"], QUERY_IDS, QUERY_DRAWS, QUERY_SEED, rows_per_pass=2 * QUERY_DRAWS
+    )
+    batched = unlearning.unlearning_steps(factors, grads, 1e-3, modules)
+    for q, (one, many) in enumerate(zip(steps, batched, strict=True)):
+        assert many.eta == pytest.approx(one.eta, rel=FLOAT32_SUMS)
+        for name in modules:
+            single = unlearning.query_gradient(
+                bundle, modules, data["qx"][q], data["qstates"][q], QUERY_IDS[q], QUERY_DRAWS, QUERY_SEED
+            )[name]
+            assert float((grads[name][q] - single).norm() / single.norm()) < FLOAT32_SUMS
+            assert float((many.delta[name] - one.delta[name]).norm() / one.delta[name].norm()) < FLOAT32_SUMS
+    per_query = unlearning.first_order_scores_fast(side, unlearning.stack_deltas([s.delta for s in steps]))
+    together = unlearning.first_order_scores_fast(side, unlearning.stack_deltas([s.delta for s in batched]))
+    assert float((together - per_query).norm() / per_query.norm()) < FLOAT32_SUMS
+    assert torch.equal(unlearning.rank_scores(together), unlearning.rank_scores(per_query))
 
 
 def test_step_has_the_requested_relative_size_and_ascends(
