@@ -13,7 +13,7 @@ from typing import Any
 from gda.home import Home
 from gda.profiles import profile_values, resolve_profile
 
-BENCHMARKS = ("model", "teacher", "latency", "incremental", "load", "index-scale", "gpu")
+BENCHMARKS = ("model", "teacher", "latency", "incremental", "load", "index-scale", "gpu", "second-corpus")
 
 
 @dataclass(frozen=True)

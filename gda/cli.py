@@ -75,6 +75,26 @@ def _cmd_counterfactual(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cmd_study(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from gda import student_study
+    from gda_assets.runner import student_study as run_arms
+
+    home = Home.resolve(args.home)
+    shards = Path(args.shards) if args.shards else None
+    outcome = run_arms(home, args.profile, shards, every_arm=args.all, arms=args.arm)
+    failed = [key for key, ok in outcome.items() if not ok]
+    print(f"student study arms run: {len(outcome) - len(failed)} of {len(outcome)} succeeded")
+    with duckdb.connect(str(home.duckdb_path), read_only=True) as con:
+        rows = con.execute("SELECT * FROM student_study").pl()
+    if rows.height:
+        print(student_study.markdown_table(rows))
+    if failed:
+        print(f"failed arms: {', '.join(failed)}; open their runs in the UI (gda ui) for the cause", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from gda import report
 
@@ -280,6 +300,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--all", action="store_true", help="rerun every cell, not only those not yet materialized"
     )
     counterfactual.set_defaults(run=_cmd_counterfactual)
+
+    study = commands.add_parser(
+        "study", help="train a student per design-study arm from the stored teacher scores and compare them"
+    )
+    _add_common(study)
+    study.add_argument("--shards", default=os.environ.get("GDA_SHARDS"), help="the shards folder the home was built on")
+    study.add_argument("--arm", action="append", help="run only this arm (repeatable; default: every arm not yet run)")
+    study.add_argument("--all", action="store_true", help="rerun every arm, not only those not yet materialized")
+    study.set_defaults(run=_cmd_study)
 
     audit = commands.add_parser(
         "audit", help="who was credited: answers by image or prompt, sources over a period, versions served"

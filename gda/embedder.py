@@ -35,6 +35,9 @@ from gda.retrieval_metrics import map_at
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 EMBED_BATCH = 65_536  # rows per no-grad forward when embedding: bounds memory, not results
+# bce: the paper's BCE on the soft rank label; mse: squared error of sigmoid(logit) against it; pairwise:
+# RankNet's logistic loss on every two rows of one query in a batch, the more influential ranked first.
+LOSSES = ("bce", "mse", "pairwise")
 
 
 @dataclass(frozen=True)
@@ -50,9 +53,13 @@ class EmbedderConfig:
     batch_size: int = 4096
     epochs: int = 10
     seed: int = 0
+    loss: str = "bce"  # one of LOSSES
+    keep_best_epoch: bool = False  # keep the weights of the epoch with the best validation mAP (needs val)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if not 0 < self.image_dim < self.input_dim:
             raise ValueError(f"need 0 < image_dim < input_dim, got {self.image_dim} and {self.input_dim}")
         if not self.widths or min(self.widths) < 1:
@@ -184,6 +191,19 @@ def teacher_and_embedder_rankings(
     return teacher, student
 
 
+def pair_loss(loss: str, logits: torch.Tensor, labels: torch.Tensor, query_rows: torch.Tensor) -> torch.Tensor:
+    """The batch's mean loss of the kind ``loss`` (one of LOSSES); a lower label is more influential."""
+    if loss == "bce":
+        return F.binary_cross_entropy_with_logits(logits, labels)
+    if loss == "mse":
+        return F.mse_loss(torch.sigmoid(logits), labels)
+    ahead = (query_rows[:, None] == query_rows[None, :]) & (labels[:, None] < labels[None, :])
+    if not bool(ahead.any()):
+        return logits.sum() * 0.0
+    # The row ahead should get the lower logit: softplus(l_ahead - l_behind) -> 0 as it does.
+    return F.softplus(logits[:, None] - logits[None, :])[ahead].mean()
+
+
 def _loss(embedder: Embedder, queries: torch.Tensor, train: torch.Tensor, rows: PairRows, batch_size: int) -> float:
     total = 0.0
     with torch.no_grad():
@@ -191,9 +211,8 @@ def _loss(embedder: Embedder, queries: torch.Tensor, train: torch.Tensor, rows: 
             q = torch.from_numpy(rows.query_rows[start : start + batch_size]).to(queries.device)
             z = torch.from_numpy(rows.train_rows[start : start + batch_size]).to(queries.device)
             y = torch.from_numpy(rows.labels[start : start + batch_size]).to(queries.device)
-            total += float(
-                F.binary_cross_entropy_with_logits(embedder.pair_logits(queries, train, q, z), y, reduction="sum")
-            )
+            logits = embedder.pair_logits(queries, train, q, z)
+            total += float(pair_loss(embedder.config.loss, logits, y, q)) * len(y)
     return total / len(rows)
 
 
@@ -221,7 +240,9 @@ def train_embedder(
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> tuple[Embedder, list[EpochRecord]]:
-    """AdamW on BCE-with-logits against the soft rank labels; one record per epoch (validation if given).
+    """AdamW on ``config.loss`` against the soft rank labels; one record per epoch (validation if given).
+    With ``config.keep_best_epoch`` and validation, the returned weights are those of the epoch with the best
+    validation mAP (the history still holds every epoch).
 
     Deterministic given `config.seed` on one device and thread count: it seeds the initialisation, the shuffle
     and dropout (in a forked RNG, leaving the global one untouched).
@@ -245,7 +266,7 @@ def train_embedder(
             total = 0.0
             for batch in epoch_batches(pairs, config.batch_size, shuffle):
                 q, z, y = (t.to(device) for t in batch)
-                loss = F.binary_cross_entropy_with_logits(embedder.pair_logits(queries, train, q, z), y)
+                loss = pair_loss(config.loss, embedder.pair_logits(queries, train, q, z), y, q)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
@@ -255,6 +276,14 @@ def train_embedder(
             if validation is not None:
                 record = replace(record, **_validate(embedder, validation, train_features, train, config.batch_size))
             history.append(record)
+            if (
+                config.keep_best_epoch
+                and record.val_map is not None
+                and record.val_map >= max(r.val_map for r in history if r.val_map is not None)
+            ):
+                best = {name: t.detach().clone() for name, t in embedder.state_dict().items()}
+        if config.keep_best_epoch and validation is not None:
+            embedder.load_state_dict(best)
     return embedder, history
 
 

@@ -30,6 +30,7 @@ from gda.registry import open_model
 from gda.retrieval_metrics import map_at
 from gda.store import Store
 from gda.student import feature_matrix
+from gda.student_guard import StudentGuard, shortfalls
 from gda.teacher import QueryBatch, Teacher, TeacherConfig, select_queries
 from gda.teacher_data import open_teacher
 from gda.unlearning import rank_scores
@@ -226,6 +227,7 @@ class RankEvaluation:
     gallery: bytes  # PNG: the top attributions of the first test queries, teacher vs distilled
     middle_level: int
     distilled_over_concat_raw: float  # mAP at the middle level
+    guard: StudentGuard
     test_queries: int
     embedder_version: str
 
@@ -268,6 +270,7 @@ def rank_evaluation(
         gallery=_gallery_png(store, teacher, rankings["distilled"], shown, config.gallery_top_k),
         middle_level=middle,
         distilled_over_concat_raw=distilled / raw if raw > 0 else math.nan,
+        guard=StudentGuard(shortfalls(table)),
         test_queries=len(teacher),
         embedder_version=embedder.version,
     )

@@ -29,6 +29,7 @@ TRAINING_EMBEDDINGS = "training_embeddings"
 ATTRIBUTION_INDEX = "attribution_index"
 RANK_EVAL = "rank_eval"
 COUNTERFACTUAL_EVAL = "counterfactual_eval"
+STUDENT_STUDY = "student_study"
 ATTRIBUTION_LOG = "attribution_log"
 
 ARRAY_SUFFIX = ".safetensors"

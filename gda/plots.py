@@ -20,8 +20,15 @@ def _png(figure) -> bytes:
 
 
 def line_plot_png(
-    series: dict[str, Sequence[float]], title: str, xlabel: str, ylabel: str, log_y: bool = False
+    series: dict[str, Sequence[float]],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    log_y: bool = False,
+    x: Sequence[float] | None = None,
+    log_x: bool = False,
 ) -> bytes:
+    """One line per series over ``x`` (default 1, 2, ...: epochs)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -29,10 +36,12 @@ def line_plot_png(
 
     figure, axes = plt.subplots(figsize=(6, 3.5))
     for label, values in series.items():
-        axes.plot(np.arange(1, len(values) + 1), values, label=label)
+        axes.plot(np.arange(1, len(values) + 1) if x is None else x, values, label=label, marker="." if x else None)
     axes.set(title=title, xlabel=xlabel, ylabel=ylabel)
     if log_y:
         axes.set_yscale("log")
+    if log_x:
+        axes.set_xscale("log")
     if len(series) > 1:
         axes.legend()
     try:
@@ -85,6 +94,25 @@ def grouped_bars_png(
     axes.set_xticks(np.arange(len(groups)), groups)
     axes.set(title=title, ylabel=ylabel)
     axes.legend(fontsize=7, ncols=3)
+    try:
+        return _png(figure)
+    finally:
+        plt.close(figure)
+
+
+def horizontal_bars_png(values: dict[str, float], errors: dict[str, float], title: str, xlabel: str) -> bytes:
+    """One bar per label (top to bottom in the given order), with error bars: for many labelled rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    labels = list(values)
+    figure, axes = plt.subplots(figsize=(6, 0.25 * len(labels) + 1))
+    axes.barh(np.arange(len(labels)), [values[k] for k in labels], xerr=[errors[k] for k in labels], capsize=2)
+    axes.set_yticks(np.arange(len(labels)), labels, fontsize=7)
+    axes.invert_yaxis()
+    axes.set(title=title, xlabel=xlabel)
     try:
         return _png(figure)
     finally:

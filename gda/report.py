@@ -1,7 +1,7 @@
 """`gda report`: the latest evaluation figures of a home as markdown, and the README block that embeds them.
 
-Reads what the evaluation assets stored (`eval_rank`, `eval_counterfactual`) with a read-only connection and
-the latency benchmark's JSON; renders nothing it did not read, and says which part is missing and how to
+Reads what the evaluation assets stored (`eval_rank`, `eval_counterfactual`, `student_study`) with a read-only
+connection and the latency benchmark's JSON; renders nothing it did not read, and says which part is missing and how to
 make it.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 import duckdb
 import polars as pl
 
-from gda import counterfactual, evaluation
+from gda import counterfactual, evaluation, student_study
 
 BEGIN, END = "<!-- gda report: begin -->", "<!-- gda report: end -->"
 
@@ -57,6 +57,17 @@ def counterfactual_section(rows: pl.DataFrame) -> str:
     )
 
 
+def study_section(rows: pl.DataFrame) -> str:
+    if rows.is_empty():
+        return "Not measured yet: run `gda study` (it trains students from the stored teacher scores)."
+    seeds = rows["seed"].n_unique()
+    return (
+        f"Each arm changes one choice of the profile's student (`defaults`); mAP(L) on the test queries, mean over "
+        f"{seeds} student seeds ± the standard error over queries, with the seeds' half-spread:\n\n"
+        f"{student_study.markdown_table(rows)}"
+    )
+
+
 def latency_section(latency: dict[str, Any] | None) -> str:
     if latency is None:
         return "Not measured yet: run `gda bench latency --json bench/results/latency.json`."
@@ -74,7 +85,7 @@ def latency_section(latency: dict[str, Any] | None) -> str:
 
 
 def render(database: Path, latency_json: Path | None) -> str:
-    """The whole report: mAP table, counterfactual table, latency ratios."""
+    """The whole report: mAP table, counterfactual table, student study, latency ratios."""
     latency = json.loads(latency_json.read_text()) if latency_json and latency_json.exists() else None
     measured_on = f" ({latency_json.name}, {latency['threads']} threads)" if latency else ""
     return "\n\n".join(
@@ -83,6 +94,8 @@ def render(database: Path, latency_json: Path | None) -> str:
             rank_section(_table(database, "eval_rank")),
             "### Counterfactual: what removing each method's top k costs the query",
             counterfactual_section(_table(database, "eval_counterfactual")),
+            "### Student design study: what limits the distilled embedder",
+            study_section(_table(database, "student_study")),
             f"### Latency{measured_on}",
             latency_section(latency),
         ]

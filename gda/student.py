@@ -39,6 +39,8 @@ class StudentConfig:
     p_negative: float
     per_query: int | None
     val_fraction_l: float
+    loss: str = "bce"  # gda.embedder.LOSSES
+    keep_best_epoch: bool = False
 
     def embedder_config(self, input_dim: int, image_dim: int) -> EmbedderConfig:
         return EmbedderConfig(
@@ -52,6 +54,8 @@ class StudentConfig:
             batch_size=self.batch_size,
             epochs=self.epochs,
             seed=self.seed,
+            loss=self.loss,
+            keep_best_epoch=self.keep_best_epoch,
         )
 
 

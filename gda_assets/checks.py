@@ -11,6 +11,7 @@ import dagster as dg
 
 from gda import tables
 from gda.corpus.ingest import REASONS
+from gda.student_guard import StudentGuard
 from resources import Warehouse
 
 SCHEMA_CHECK = "conforms_to_schema"
@@ -253,3 +254,27 @@ def table_check_results(
             )
         )
     return results
+
+
+STUDENT_GUARD = "distilled_above_its_inputs"
+
+
+def student_guard_spec(asset: str) -> dg.AssetCheckSpec:
+    return dg.AssetCheckSpec(
+        STUDENT_GUARD,
+        asset=asset,
+        blocking=False,
+        description="Warns when the distilled embedder's mAP falls below raw concatenation or text features "
+        "alone at any L: its fast answers are then worse than a plain search on its own inputs.",
+    )
+
+
+def student_guard_result(guard: StudentGuard, asset: str) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        check_name=STUDENT_GUARD,
+        asset_key=asset,
+        passed=guard.passed,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=guard.message(),
+        metadata={"shortfalls": dg.MetadataValue.md(guard.markdown()), "count": guard.shortfalls.height},
+    )

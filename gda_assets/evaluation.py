@@ -6,10 +6,28 @@ import dagster as dg
 
 from gda import layout
 from gda.arrays import IdArray
-from gda_assets.checks import Partition, column_schema, table_check_results, table_check_specs
+from gda_assets.checks import (
+    Partition,
+    column_schema,
+    student_guard_result,
+    student_guard_spec,
+    table_check_results,
+    table_check_specs,
+)
 from gda_assets.metadata import png_markdown
 from gda_assets.partitions import every_partition
-from resources import Artifacts, Compute, CorpusSource, EvaluationSettings, TeacherSettings, Warehouse, home_store
+from resources import (
+    Artifacts,
+    Compute,
+    CorpusSource,
+    EvaluationSettings,
+    QueryPlan,
+    StudentSettings,
+    StudySettings,
+    TeacherSettings,
+    Warehouse,
+    home_store,
+)
 
 FEATURES = every_partition(
     layout.IMAGE_FEATURES, layout.TEXT_FEATURES, layout.QUERY_IMAGE_FEATURES, layout.QUERY_TEXT_FEATURES
@@ -32,7 +50,10 @@ FEATURES = every_partition(
     ],
     kinds={"pytorch", "duckdb"},
     metadata={"dagster/column_schema": column_schema("eval_rank"), "dagster/table_name": "eval_rank"},
-    check_specs=table_check_specs("eval_rank", asset=layout.RANK_EVAL),
+    check_specs=[
+        *table_check_specs("eval_rank", asset=layout.RANK_EVAL),
+        student_guard_spec(layout.RANK_EVAL),
+    ],
     pool="gpu",
     description="mAP(L) of random, image, text, raw concatenation, the distilled embedder and the teacher "
     "with other query draws, against the teacher's ranking of each held-out test query (the same ranked "
@@ -76,6 +97,7 @@ def rank_eval(
         },
     )
     yield from table_check_results(warehouse, "eval_rank", result.frame.height, asset=layout.RANK_EVAL)
+    yield student_guard_result(result.guard, layout.RANK_EVAL)
 
 
 def build_counterfactual_eval(evaluation: EvaluationSettings) -> dg.AssetsDefinition:
@@ -161,3 +183,75 @@ def build_counterfactual_eval(evaluation: EvaluationSettings) -> dg.AssetsDefini
         )
 
     return counterfactual_eval
+
+
+def build_student_study(query_plan: QueryPlan, student: StudentSettings) -> dg.AssetsDefinition:
+    """The asset with one partition per arm of the study that ``query_plan`` and ``student`` make."""
+    from gda.study_arms import study_arms
+
+    arms = {arm.name: arm for arm in study_arms(query_plan.n_train, student.top_k, student.widths, student.epochs)}
+
+    @dg.asset(
+        code_version="1",
+        group_name="evaluation",
+        partitions_def=dg.StaticPartitionsDefinition(list(arms)),
+        ins=FEATURES,
+        deps=[dg.AssetDep(layout.ABU_SCORES, partition_mapping=dg.AllPartitionMapping())],
+        kinds={"pytorch", "duckdb"},
+        metadata={
+            "dagster/column_schema": column_schema("student_study"),
+            "dagster/table_name": "student_study",
+            "partition_expr": "arm",
+        },
+        check_specs=table_check_specs("student_study", asset=layout.STUDENT_STUDY),
+        pool="gpu",
+        description="The student design study, one partition per arm (a student setting varied along one axis "
+        "from the profile's: training queries, pair budget, features, loss, negatives, subsampling, capacity, "
+        "epochs, oracle): students trained with several seeds from the stored teacher scores, each measured "
+        "like rank_eval's distilled row. Opt-in (student_study_job).",
+    )
+    def student_study(
+        context: dg.AssetExecutionContext,
+        compute: Compute,
+        corpus: CorpusSource,
+        warehouse: Warehouse,
+        artifacts: Artifacts,
+        student: StudentSettings,
+        study: StudySettings,
+        evaluation: EvaluationSettings,
+        image_features: dict[str, IdArray],
+        text_features: dict[str, IdArray],
+        query_image_features: dict[str, IdArray],
+        query_text_features: dict[str, IdArray],
+    ):
+        from gda import student_study as science
+        from gda.evaluation import Features
+
+        warehouse.ensure_tables()
+        features = Features(image_features, text_features, query_image_features, query_text_features)
+        try:
+            inputs = science.study_inputs(home_store(artifacts, warehouse, corpus), features, evaluation.l_fractions)
+            frame = science.run_arm(arms[context.partition_key], student.config(), inputs, study.seeds)
+        except ValueError as error:
+            raise dg.Failure(str(error)) from error
+        warehouse.replace_table("student_study", frame, ("arm", context.partition_key))
+        so_far = warehouse.query("SELECT * FROM student_study")
+        curve = science.query_curve_png(so_far)
+        yield dg.MaterializeResult(
+            metadata={
+                "dagster/row_count": frame.height,
+                "this_arm": dg.MetadataValue.md(science.markdown_table(frame)),
+                "all_arms_so_far": dg.MetadataValue.md(science.markdown_table(so_far)),
+                "chart": png_markdown(science.arms_chart_png(so_far), "student study"),
+                **({"query_curve": png_markdown(curve, "mAP vs train queries")} if curve else {}),
+            },
+        )
+        yield from table_check_results(
+            warehouse,
+            "student_study",
+            frame.height,
+            Partition("arm", context.partition_key),
+            asset=layout.STUDENT_STUDY,
+        )
+
+    return student_study

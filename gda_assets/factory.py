@@ -11,7 +11,7 @@ from gda.home import Home
 from gda.profiles import profile_values
 from gda_assets.corpus import build_training_images, demo_corpus, shard_sensor
 from gda_assets.deployment import LOCAL, K8sSettings, executor_for
-from gda_assets.evaluation import build_counterfactual_eval, rank_eval
+from gda_assets.evaluation import build_counterfactual_eval, build_student_study, rank_eval
 from gda_assets.features import image_features, text_features
 from gda_assets.jobs import (
     baseline_job,
@@ -25,6 +25,7 @@ from gda_assets.jobs import (
     query_batch_job,
     shard_job,
     student_job,
+    student_study_job,
     teacher_job,
     teacher_shard_job,
 )
@@ -43,6 +44,7 @@ from resources import (
     IndexSettings,
     QueryPlan,
     StudentSettings,
+    StudySettings,
     TeacherSettings,
     TransactionalDuckDBPolarsIOManager,
     Warehouse,
@@ -77,6 +79,7 @@ def build_resources(home: Home, profile: str, shards: Path | None) -> dict[str, 
         "query_plan": QueryPlan(**values["query_plan"]),
         "teacher": TeacherSettings(**values["teacher"]),
         "student": StudentSettings(**values["student"]),
+        "study": StudySettings(**values.get("study", {})),
         "index": IndexSettings(**values.get("index", {})),
         "evaluation": EvaluationSettings(**values.get("evaluation", {})),
         "artifacts": Artifacts(root=str(home.artifacts)),
@@ -120,6 +123,7 @@ def build_defs(
         attribution_index,
         rank_eval,
         build_counterfactual_eval(resources["evaluation"]),
+        build_student_study(resources["query_plan"], resources["student"]),
         attribution_log,
     ]
     jobs: list[Any] = [
@@ -135,6 +139,7 @@ def build_defs(
         index_job,
         evaluation_job,
         counterfactual_job,
+        student_study_job,
     ]
     if embedded:
         assets.insert(0, demo_corpus)

@@ -79,6 +79,13 @@ evaluation_job = dg.define_asset_job(
     description="mAP(L) of every method against the teacher on the test queries, with galleries.",
 )
 
+student_study_job = dg.define_asset_job(
+    "student_study_job",
+    selection=dg.AssetSelection.assets(layout.STUDENT_STUDY),
+    description="Opt-in: train the students of each study arm (one partition per setting) from the stored "
+    "teacher scores and measure them on the test queries; the teacher is not re-run.",
+)
+
 counterfactual_job = dg.define_asset_job(
     "counterfactual_job",
     selection=dg.AssetSelection.assets(layout.COUNTERFACTUAL_EVAL),

@@ -168,11 +168,41 @@ def counterfactual(
 ) -> dict[str, bool]:
     """The opt-in counterfactual evaluation on a materialized home: every cell (partition) of
     ``counterfactual_eval`` not yet materialized, or all with ``every_cell``; an interrupted run resumes."""
+    return _resume(home, profile, shards_dir, "counterfactual_job", layout.COUNTERFACTUAL_EVAL, every_cell, None)
+
+
+def student_study(
+    home: Home,
+    profile: str | None = None,
+    shards_dir: Path | None = None,
+    every_arm: bool = False,
+    arms: list[str] | None = None,
+) -> dict[str, bool]:
+    """The student design study on a materialized home: every arm (partition) of ``student_study`` not yet
+    materialized, all of them with ``every_arm``, or only ``arms``; an interrupted study resumes."""
+    return _resume(home, profile, shards_dir, "student_study_job", layout.STUDENT_STUDY, every_arm, arms)
+
+
+def _resume(
+    home: Home,
+    profile: str | None,
+    shards_dir: Path | None,
+    job_name: str,
+    asset: str,
+    every: bool,
+    only: list[str] | None,
+) -> dict[str, bool]:
+    """Run ``job_name`` for each partition of ``asset`` not yet materialized (every one with ``every``),
+    limited to ``only`` when given; unknown names in ``only`` are a ValueError listing the valid ones."""
     instance = open_instance(home)
     defs = build_defs(home=home, profile=resolve_profile(profile), shards=shards_dir.resolve() if shards_dir else None)
-    keys = defs.resolve_job_def("counterfactual_job").partitions_def.get_partition_keys()
-    done = set() if every_cell else instance.get_materialized_partitions(dg.AssetKey(layout.COUNTERFACTUAL_EVAL))
-    return _run_partitions(instance, defs, "counterfactual_job", [key for key in keys if key not in done])
+    keys = defs.resolve_job_def(job_name).partitions_def.get_partition_keys()
+    unknown = sorted(set(only or []) - set(keys))
+    if unknown:
+        raise ValueError(f"no partitions {', '.join(unknown)} of {asset}; they are: {', '.join(keys)}")
+    wanted = [key for key in keys if only is None or key in only]
+    done = set() if every or only else instance.get_materialized_partitions(dg.AssetKey(asset))
+    return _run_partitions(instance, defs, job_name, [key for key in wanted if key not in done])
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from resources.encoders import Encoders
 from resources.evaluation import EvaluationSettings
 from resources.parquet_io import ParquetIOManager
 from resources.store import home_store
-from resources.student import IndexSettings, StudentSettings
+from resources.student import IndexSettings, StudentSettings, StudySettings
 from resources.teacher import TeacherSettings
 from resources.warehouse import Warehouse
 
@@ -27,6 +27,7 @@ __all__ = [
     "ParquetIOManager",
     "QueryPlan",
     "StudentSettings",
+    "StudySettings",
     "TeacherSettings",
     "TransactionalDuckDBPolarsIOManager",
     "Warehouse",

@@ -1,6 +1,6 @@
 """How the teacher is distilled into the embedder, and how its embeddings are indexed for search."""
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import dagster as dg
 from pydantic import Field
@@ -27,11 +27,21 @@ class StudentSettings(dg.ConfigurableResource):
     p_negative: float = Field(default=0.1, ge=0.0, lt=1.0)  # pairs replaced by a random non-candidate, label 1
     per_query: int | None = Field(default=None, ge=1)  # candidates kept per training query (None: all of them)
     val_fraction_l: float = 0.01  # validation mAP positives: this fraction of the training set
+    # bce (the paper's), mse or pairwise (gda.embedder.LOSSES); the student study compares them.
+    loss: Literal["bce", "mse", "pairwise"] = "bce"
+    keep_best_epoch: bool = False  # keep the epoch with the best validation mAP instead of the last
 
     def config(self) -> "StudentConfig":
         from gda.student import StudentConfig
 
         return StudentConfig(**{**self.model_dump(), "widths": tuple(self.widths)})
+
+
+class StudySettings(dg.ConfigurableResource):
+    """The student design study (gda.study_arms): its arms come from the query plan and the student settings."""
+
+    # Students trained per arm, so that every effect shows next to its seed noise.
+    seeds: list[int] = Field(default=[0, 1], min_length=2)
 
 
 class IndexSettings(dg.ConfigurableResource):

@@ -54,6 +54,11 @@ SELECT s.query_id, s.train_id, s.rank, s.n_candidates, q.split
 FROM abu_scores s JOIN query_prompts q USING (query_id)
 WHERE q.split IN ('train', 'val') ORDER BY s.query_id, s.rank;
 
+-- name: study_scores
+-- The teacher's rankings of every query with its split: the student study's labels, validation and oracle.
+SELECT s.query_id, s.train_id, s.rank, s.n_candidates, q.split
+FROM abu_scores s JOIN query_prompts q USING (query_id) ORDER BY s.query_id, s.rank;
+
 -- name: test_rankings
 -- The teacher's rankings of the held-out test queries, best first.
 SELECT s.query_id, s.train_id, s.rank FROM abu_scores s JOIN query_prompts q USING (query_id)

@@ -122,6 +122,33 @@ CREATE TABLE IF NOT EXISTS eval_rank (
     embedder_version VARCHAR NOT NULL
 );
 
+-- The student design study: per study arm (one student setting, varied along one axis from the profile's
+-- student), seed and L, the mAP of that student against the teacher's top L on the test queries, measured
+-- like eval_rank's distilled row. Replaced per arm by student_study.
+CREATE TABLE IF NOT EXISTS student_study (
+    arm VARCHAR NOT NULL,          -- partition key (gda.study_arms)
+    axis VARCHAR NOT NULL,         -- defaults | queries | budget | features | loss | negatives | ...
+    seed INTEGER NOT NULL,         -- of the student (initialisation, shuffles, negatives)
+    L INTEGER NOT NULL,
+    map DOUBLE NOT NULL,           -- mean over test queries of the average precision
+    se DOUBLE NOT NULL,            -- standard error of that mean over queries
+    n_queries INTEGER NOT NULL,    -- test queries measured
+    train_queries INTEGER NOT NULL, -- queries the student learnt from
+    pairs BIGINT NOT NULL,         -- training pairs, negatives included
+    features VARCHAR NOT NULL,     -- concat | image | text: the input parts the student saw
+    normalise_parts BOOLEAN NOT NULL,
+    loss VARCHAR NOT NULL,         -- bce | mse | pairwise
+    top_k INTEGER NOT NULL,        -- teacher positions learnt per query
+    per_query INTEGER,             -- candidates subsampled per query (NULL: all)
+    p_negative DOUBLE NOT NULL,
+    widths VARCHAR NOT NULL,       -- hidden widths, then the output width, joined by '-'
+    epochs INTEGER NOT NULL,
+    kept_epoch INTEGER NOT NULL,   -- the epoch whose weights were measured
+    oracle BOOLEAN NOT NULL,       -- trained on the test queries' own rankings
+    val_map DOUBLE,                -- validation mAP of the kept epoch (NULL without val queries)
+    train_seconds DOUBLE NOT NULL
+);
+
 -- Counterfactual leave-k-out evaluation: per cell (method, k, query group) and query, the model retrained
 -- from scratch without the method's top-k training images, against the model. Replaced per cell by
 -- counterfactual_eval.

@@ -45,6 +45,7 @@ def test_definitions_validate(tmp_path: Path) -> None:
         "attribution_index": "student",
         "rank_eval": "evaluation",
         "counterfactual_eval": "evaluation",
+        "student_study": "evaluation",
         "attribution_log": "serving",
     }
 
@@ -119,11 +120,12 @@ def test_blocking_checks_cover_every_table(tmp_path: Path) -> None:
     assert ("training_images", "unique_ids") in checks
     assert ("generated_queries", "every_prompt_generated") in checks
     assert ("query_prompts", "conforms_to_schema") in checks
-    # Every check of stored rows blocks; the two that measure the teacher against itself, and the corpus
-    # warnings (a copied image, a parquet that disagrees with its tar), only warn.
+    # Every check of stored rows blocks; the two that measure the teacher against itself, the student's
+    # guard, and the corpus warnings (a copied image, a parquet that disagrees with its tar), only warn.
     measuring = {
         ("abu_scores", "modes_agree"),
         ("abu_scores", "reseeded_agree"),
+        ("rank_eval", "distilled_above_its_inputs"),
         ("training_images", "no_duplicate_images"),
         ("training_images", "agrees_with_parquet"),
     }

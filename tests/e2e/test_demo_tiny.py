@@ -409,3 +409,45 @@ def test_counterfactual_retrains_without_each_methods_top_k(
     assert materialized == {f"{m}-k{k}-g0" for m in methods}
     assert main(["counterfactual", "--home", str(demo_home.root), "--profile", "tiny"]) == 0
     assert "0 of 0 succeeded" in capsys.readouterr().out
+
+
+def test_rank_eval_warns_when_the_student_falls_below_its_inputs(demo_home: Home) -> None:
+    by = {(m, level): v for m, level, v in _query(demo_home, "SELECT method, L, map FROM eval_rank")}
+    levels = sorted({level for _, level in by})
+    below = [(level, m) for level in levels for m in ("concat_raw", "text") if by["distilled", level] < by[m, level]]
+    passed, metadata = _check_metadata(demo_home, "rank_eval", "distilled_above_its_inputs")
+    assert passed == (not below) and metadata["count"] == len(below)
+
+
+def test_the_student_study_trains_arms_from_the_stored_teacher(
+    demo_home: Home, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = str(demo_home.root)
+    [(scores_before,)] = _query(demo_home, "SELECT count(*) FROM abu_scores")
+    arms = ["defaults", "features-text", "oracle"]
+    assert main(["study", "--home", root, "--profile", "tiny", *[f"--arm={arm}" for arm in arms]]) == 0
+    printed = capsys.readouterr().out
+    assert "student study arms run: 3 of 3 succeeded" in printed and "| oracle | oracle |" in printed
+    rows = _query(demo_home, "SELECT arm, seed, L, map, features, train_queries, oracle FROM student_study")
+    levels = sorted({r[0] for r in _query(demo_home, "SELECT DISTINCT L FROM eval_rank")})
+    assert sorted((r[0], r[1], r[2]) for r in rows) == sorted(
+        (arm, seed, level) for arm in arms for seed in (0, 1) for level in levels
+    )
+    by = {(r[0], r[1], r[2]): r for r in rows}
+    plan = profile_values("tiny")["query_plan"]
+    assert all(by["oracle", 0, level][5] == plan["n_test"] and by["oracle", 0, level][6] for level in levels)
+    assert all(by["defaults", 0, level][5] == plan["n_train"] for level in levels)
+    assert {by["features-text", 1, level][4] for level in levels} == {"text"}
+    # The defaults arm with the embedder's seed is the embedder's own recipe on the same rows: it measures
+    # what rank_eval measured for the distilled embedder.
+    distilled = dict(_query(demo_home, "SELECT L, map FROM eval_rank WHERE method = 'distilled'"))
+    for level in levels:
+        assert by["defaults", 0, level][3] == pytest.approx(distilled[level], abs=1e-9)
+    assert _query(demo_home, "SELECT count(*) FROM abu_scores") == [(scores_before,)]  # the teacher was not re-run
+
+    assert main(["study", "--home", root, "--profile", "tiny", "--arm", "no-such-arm"]) != 0
+    assert "no partitions no-such-arm of student_study" in capsys.readouterr().err
+    out = tmp_path / "report.md"
+    assert main(["report", "--home", root, "--out", str(out)]) == 0
+    report = out.read_text()
+    assert "### Student design study" in report and "| features-text | features |" in report

@@ -406,7 +406,7 @@ def test_an_unknown_profile_is_one_line(
     line = one_line_failure(
         capsys, ["query", "--home", str(tmp_path), "--image", str(image), "--prompt", "a red square"]
     )
-    assert line == "gda: unknown profile 'nope'; choose one of: tiny, demo, sd"
+    assert line == "gda: unknown profile 'nope'; choose one of: tiny, demo, sd, demo-large"
     with pytest.raises(UnknownProfileError, match="unknown profile 'nope'"):
         build_defs(home=Home(tmp_path))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from gda.embedder import (
     EpochRecord,
     Validation,
     load_embedder,
+    pair_loss,
     save_embedder,
     teacher_and_embedder_rankings,
     train_embedder,
@@ -289,3 +290,33 @@ def test_features_of_another_width_are_one_clear_error() -> None:
             ValueError, match=f"features have {SMALL.input_dim + 5} columns but the embedder takes {SMALL.input_dim}"
         ):
             embed(wrong)
+
+
+def test_each_loss_is_its_formula_on_a_hand_example() -> None:
+    logits = torch.tensor([0.1, 0.5, -0.2, 0.3])
+    labels = torch.tensor([0.0, 0.5, 0.2, 1.0])
+    queries = torch.tensor([0, 0, 1, 1])
+    sigmoid = [1 / (1 + np.exp(-v)) for v in logits.tolist()]
+    bce = np.mean([-(y * np.log(p) + (1 - y) * np.log(1 - p)) for p, y in zip(sigmoid, labels.tolist(), strict=True)])
+    mse = np.mean([(p - y) ** 2 for p, y in zip(sigmoid, labels.tolist(), strict=True)])
+    # Pairs of one query with the first more influential (lower label): (0, 1) and (2, 3).
+    pairwise = np.mean([np.log1p(np.exp(0.1 - 0.5)), np.log1p(np.exp(-0.2 - 0.3))])
+    for loss, expected in (("bce", bce), ("mse", mse), ("pairwise", pairwise)):
+        assert float(pair_loss(loss, logits, labels, queries)) == pytest.approx(expected, rel=1e-6), loss
+    with pytest.raises(ValueError, match="loss must be one of"):
+        EmbedderConfig(input_dim=IMAGE + TEXT, image_dim=IMAGE, loss="hinge")
+
+
+def test_keep_best_epoch_returns_the_weights_of_the_best_validation_map(data: Synthetic) -> None:
+    config = EmbedderConfig(
+        input_dim=IMAGE + TEXT, image_dim=IMAGE, widths=(64, 16), lr=3e-2, batch_size=512, epochs=8, seed=1
+    )
+    validation = Validation(data.query_features, data.held_out, L)
+    kept, history = train_embedder(
+        replace(config, keep_best_epoch=True), data.query_features, data.train_features, data.fit, validation
+    )
+    last, same_history = train_embedder(config, data.query_features, data.train_features, data.fit, validation)
+    assert history == same_history  # keeping a copy changes nothing in the training itself
+    for model, expected in ((kept, max(r.val_map for r in history)), (last, history[-1].val_map)):
+        rankings = teacher_and_embedder_rankings(model, data.query_features, data.train_features, data.held_out)
+        assert map_at(*rankings, L).mean == pytest.approx(expected, abs=1e-9)
