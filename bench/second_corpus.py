@@ -21,6 +21,7 @@ IMAGES = {"tiny": 240, "demo": 1797}
 
 def run(setting: Setting) -> dict[str, Any]:
     from gda.corpus.digits import build_digits_corpus
+    from gda.evaluation import METHODS
     from gda.home import Home
     from gda.student_guard import StudentGuard, shortfalls
     from gda_assets.runner import demo
@@ -39,7 +40,6 @@ def run(setting: Setting) -> dict[str, Any]:
     guard = StudentGuard(shortfalls(table))
     by = {(m, level): (v, se) for m, level, v, se, _ in table.iter_rows()}
     levels = sorted(table["L"].unique().to_list())
-    methods = ["random", "image", "text", "concat_raw", "distilled", "teacher_reseeded"]
     return {
         **setting.header("second-corpus"),
         "corpus": "sklearn handwritten digits",
@@ -52,7 +52,7 @@ def run(setting: Setting) -> dict[str, Any]:
         "table": [
             [f"{method} mAP({level})", f"{by[method, level][0]:.3f}", f"± {by[method, level][1]:.3f}"]
             for level in levels
-            for method in methods
+            for method in METHODS
         ]
         + [
             ["distilled above its inputs", "yes" if guard.passed else "NO", "(rank_eval's guard check)"],

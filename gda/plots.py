@@ -36,7 +36,10 @@ def line_plot_png(
 
     figure, axes = plt.subplots(figsize=(6, 3.5))
     for label, values in series.items():
-        axes.plot(np.arange(1, len(values) + 1) if x is None else x, values, label=label, marker="." if x else None)
+        if x is None:
+            axes.plot(np.arange(1, len(values) + 1), values, label=label)
+        else:
+            axes.plot(x, values, label=label, marker=".")
     axes.set(title=title, xlabel=xlabel, ylabel=ylabel)
     if log_y:
         axes.set_yscale("log")
