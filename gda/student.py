@@ -20,7 +20,7 @@ import polars as pl
 from gda import plots
 from gda.arrays import IdArray
 from gda.embedder import Embedder, EmbedderConfig, EpochRecord, Validation, save_embedder, train_embedder
-from gda.ranking import to_rows, training_pairs
+from gda.ranking import PairRows, to_rows, training_pairs
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,22 @@ def top_of_rankings(scores: pl.DataFrame, top_k: int) -> pl.DataFrame:
     )
 
 
+def student_pairs(
+    config: StudentConfig,
+    scores: pl.DataFrame,
+    train_ids: np.ndarray,
+    query_ids: np.ndarray,
+    rng: np.random.Generator,
+) -> tuple[pl.DataFrame, PairRows]:
+    """The train-split teacher rows the student fits (each query's top ``config.top_k``) and its pairs, with
+    negatives and subsampling drawn from ``rng``."""
+    fitting = top_of_rankings(scores.filter(pl.col("split") == "train"), config.top_k)
+    if fitting.is_empty():
+        raise ValueError("no teacher scores for train-split queries; materialize abu_scores for the train batches")
+    pairs = training_pairs(fitting, train_ids, rng, config.p_negative, config.per_query)
+    return fitting, to_rows(pairs, query_ids, train_ids)
+
+
 def distill(
     config: StudentConfig,
     scores: pl.DataFrame,
@@ -110,10 +126,7 @@ def distill(
     train_ids, train_features = train
     query_ids, query_features = queries
     rng = np.random.default_rng(config.seed)
-    fitting = top_of_rankings(scores.filter(pl.col("split") == "train"), config.top_k)
-    if fitting.is_empty():
-        raise ValueError("no teacher scores for train-split queries; materialize abu_scores for the train batches")
-    pairs = to_rows(training_pairs(fitting, train_ids, rng, config.p_negative, config.per_query), query_ids, train_ids)
+    fitting, pairs = student_pairs(config, scores, train_ids, query_ids, rng)
     held_out = scores.filter(pl.col("split") == "val")
     L = max(1, round(config.val_fraction_l * len(train_ids)))
     validation = None

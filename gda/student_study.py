@@ -17,8 +17,9 @@ import polars as pl
 
 from gda import plots, tables
 from gda.evaluation import Features, cosine_rankings, levels_for, rank_table, restrict, teacher_rankings
+from gda.reranker import PairInputs, RerankerConfig, rerank, train_reranker
 from gda.store import Store
-from gda.student import StudentConfig, distill
+from gda.student import StudentConfig, distill, student_pairs
 from gda.study_arms import StudyArm
 
 
@@ -34,7 +35,15 @@ class StudyInputs:
     levels: Sequence[int]
 
 
-def study_inputs(store: Store, features: Features, l_fractions: Sequence[float]) -> StudyInputs:
+def study_inputs(
+    arm: StudyArm, store: Store, features: Features, l_fractions: Sequence[float], device: str
+) -> StudyInputs:
+    """What ``arm`` trains on; the generator's image features are computed here when the arm asks for them
+    (the model on ``device``), since no other asset needs them."""
+    if arm.features == "generator":
+        from gda.generator_features import with_generator_images
+
+        features = with_generator_images(store, features, device)
     train = features.training()
     return StudyInputs(
         scores=store.tables.named("study_scores"),
@@ -69,7 +78,7 @@ def arm_scores(arm: StudyArm, scores: pl.DataFrame) -> pl.DataFrame:
 
 def _visible(features: tuple[np.ndarray, np.ndarray], part: str, image_dim: int) -> tuple[np.ndarray, np.ndarray]:
     """The features with the part the arm hides set to zero (a zero part stays zero when normalised)."""
-    if part == "concat":
+    if part in ("concat", "generator"):
         return features
     ids, values = features
     values = values.copy()
@@ -91,11 +100,15 @@ def run_arm(arm: StudyArm, base: StudentConfig, inputs: StudyInputs, seeds: Sequ
         config = replace(base, seed=seed, **dict(arm.student))
         started = time.perf_counter()
         result = distill(config, scores, train, queries, inputs.image_dim)
-        seconds = time.perf_counter() - started
         embedder = result.embedder
-        ranking = cosine_rankings(
-            embedder.embed_queries(query_features), embedder.embed_training(train_features), rows, train_ids
-        )
+        query_vectors, train_vectors = embedder.embed_queries(query_features), embedder.embed_training(train_features)
+        ranking = cosine_rankings(query_vectors, train_vectors, rows, train_ids)
+        if arm.rerank_m is not None:
+            pair_inputs = PairInputs(query_vectors, train_vectors, query_features, train_features, inputs.image_dim)
+            _, pairs = student_pairs(config, scores, train_ids, query_ids, np.random.default_rng(seed))
+            reranker = train_reranker(RerankerConfig(top_m=arm.rerank_m, seed=seed), pair_inputs, pairs)
+            ranking = rerank(reranker, pair_inputs, ranking, rows, train_ids)
+        seconds = time.perf_counter() - started
         table = rank_table(inputs.teacher, {"distilled": restrict(ranking, inputs.teacher)}, inputs.levels)
         val_maps = [r.val_map for r in result.history if r.val_map is not None]
         kept_epoch = int(np.argmax(val_maps)) + 1 if config.keep_best_epoch and val_maps else len(result.history)
@@ -118,6 +131,7 @@ def run_arm(arm: StudyArm, base: StudentConfig, inputs: StudyInputs, seeds: Sequ
                 oracle=pl.lit(arm.oracle),
                 val_map=pl.lit(val_maps[kept_epoch - 1] if val_maps else None, dtype=pl.Float64),
                 train_seconds=pl.lit(seconds),
+                rerank_m=pl.lit(arm.rerank_m, dtype=pl.Int32),
             )
         )
     return tables.conform("student_study", pl.concat(frames))

@@ -12,17 +12,20 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-FEATURE_PARTS = ("concat", "image", "text")
+# concat: DINO image + text; image / text: that part alone (the other zeroed); generator: the text part with
+# the generator's own UNet activations as the image part (gda.generator_features).
+FEATURE_PARTS = ("concat", "image", "text", "generator")
 MIN_QUERIES = 30  # fewer train queries say little about the curve (a smaller plan goes down to a quarter)
 
 
 @dataclass(frozen=True)
 class StudyArm:
     name: str  # the partition key
-    axis: str  # what it varies: defaults, queries, budget, features, loss, negatives, subsampling, ...
+    axis: str  # what it varies: defaults, queries, budget, features, loss, negatives, ..., second stage
     train_queries: int | None = None  # the first n train-split queries by id; None: every one
     features: str = "concat"  # the input parts the student sees (the other part is zeroed): FEATURE_PARTS
     oracle: bool = False  # trained on the test queries' own rankings: what the features can represent at all
+    rerank_m: int | None = None  # a second stage re-orders the cosine top M (gda.reranker); None: none
     student: Mapping[str, Any] = field(default_factory=dict)  # StudentConfig fields that differ from the profile
 
     def __post_init__(self) -> None:
@@ -47,7 +50,7 @@ def study_arms(n_train: int, top_k: int, widths: Sequence[int], epochs: int) -> 
     # A fixed budget of pairs (a quarter of the defaults'), spent on many queries or on deep rankings.
     for queries, k in ((n_train, max(1, top_k // 4)), (half, max(1, top_k // 2)), (quarter, top_k)):
         arms.append(StudyArm(f"budget-{queries}x{k}", "budget", train_queries=queries, student={"top_k": k}))
-    arms += [StudyArm(f"features-{part}", "features", features=part) for part in ("image", "text")]
+    arms += [StudyArm(f"features-{part}", "features", features=part) for part in ("image", "text", "generator")]
     arms.append(StudyArm("features-raw-parts", "features", student={"normalise_parts": False}))
     arms += [StudyArm(f"loss-{loss}", "loss", student={"loss": loss}) for loss in ("mse", "pairwise")]
     arms += [StudyArm(f"negatives-{p}", "negatives", student={"p_negative": p}) for p in (0.0, 0.3)]
@@ -60,10 +63,12 @@ def study_arms(n_train: int, top_k: int, widths: Sequence[int], epochs: int) -> 
         ("shallow", _widths(widths, 1.0, depth=1)),
         ("deep", _widths(widths, 1.0, depth=2 * (len(widths) - 1))),
     ):
-        arms.append(StudyArm(f"width-{label}", "capacity", student={"widths": shape}))
+        if shape != tuple(widths):
+            arms.append(StudyArm(f"width-{label}", "capacity", student={"widths": shape}))
     arms += [StudyArm(f"epochs-{e}", "epochs", student={"epochs": e}) for e in (max(1, epochs // 2), 3 * epochs)]
     arms.append(
         StudyArm(f"epochs-{4 * epochs}-best", "epochs", student={"epochs": 4 * epochs, "keep_best_epoch": True})
     )
+    arms += [StudyArm(f"rerank-{m}", "second stage", rerank_m=m) for m in sorted({max(1, top_k // 3), top_k})]
     arms.append(StudyArm("oracle", "oracle", oracle=True))
     return arms

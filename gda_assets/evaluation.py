@@ -196,7 +196,10 @@ def build_student_study(query_plan: QueryPlan, student: StudentSettings) -> dg.A
         group_name="evaluation",
         partitions_def=dg.StaticPartitionsDefinition(list(arms)),
         ins=FEATURES,
-        deps=[dg.AssetDep(layout.ABU_SCORES, partition_mapping=dg.AllPartitionMapping())],
+        deps=[
+            dg.AssetDep(layout.ABU_SCORES, partition_mapping=dg.AllPartitionMapping()),
+            layout.DIFFUSION_MODEL,  # the features-generator arm's UNet activations
+        ],
         kinds={"pytorch", "duckdb"},
         metadata={
             "dagster/column_schema": column_schema("student_study"),
@@ -207,8 +210,8 @@ def build_student_study(query_plan: QueryPlan, student: StudentSettings) -> dg.A
         pool="gpu",
         description="The student design study, one partition per arm (a student setting varied along one axis "
         "from the profile's: training queries, pair budget, features, loss, negatives, subsampling, capacity, "
-        "epochs, oracle): students trained with several seeds from the stored teacher scores, each measured "
-        "like rank_eval's distilled row. Opt-in (student_study_job).",
+        "epochs, second stage, oracle): students trained with several seeds from the stored teacher scores, each "
+        "measured like rank_eval's distilled row. Opt-in (student_study_job).",
     )
     def student_study(
         context: dg.AssetExecutionContext,
@@ -230,8 +233,10 @@ def build_student_study(query_plan: QueryPlan, student: StudentSettings) -> dg.A
         warehouse.ensure_tables()
         features = Features(image_features, text_features, query_image_features, query_text_features)
         try:
-            inputs = science.study_inputs(home_store(artifacts, warehouse, corpus), features, evaluation.l_fractions)
-            frame = science.run_arm(arms[context.partition_key], student.config(), inputs, study.seeds)
+            arm = arms[context.partition_key]
+            store = home_store(artifacts, warehouse, corpus)
+            inputs = science.study_inputs(arm, store, features, evaluation.l_fractions, compute.device)
+            frame = science.run_arm(arm, student.config(), inputs, study.seeds)
         except ValueError as error:
             raise dg.Failure(str(error)) from error
         warehouse.replace_table("student_study", frame, ("arm", context.partition_key))

@@ -146,7 +146,8 @@ CREATE TABLE IF NOT EXISTS student_study (
     kept_epoch INTEGER NOT NULL,   -- the epoch whose weights were measured
     oracle BOOLEAN NOT NULL,       -- trained on the test queries' own rankings
     val_map DOUBLE,                -- validation mAP of the kept epoch (NULL without val queries)
-    train_seconds DOUBLE NOT NULL
+    train_seconds DOUBLE NOT NULL,  -- the student's, and the re-ranker's when there is one
+    rerank_m INTEGER               -- the cosine top M a second stage re-ordered (NULL: none)
 );
 
 -- Counterfactual leave-k-out evaluation: per cell (method, k, query group) and query, the model retrained

@@ -424,11 +424,11 @@ def test_the_student_study_trains_arms_from_the_stored_teacher(
 ) -> None:
     root = str(demo_home.root)
     [(scores_before,)] = _query(demo_home, "SELECT count(*) FROM abu_scores")
-    arms = ["defaults", "features-text", "oracle"]
+    arms = ["defaults", "features-text", "features-generator", "oracle", "rerank-20"]
     assert main(["study", "--home", root, "--profile", "tiny", *[f"--arm={arm}" for arm in arms]]) == 0
     printed = capsys.readouterr().out
-    assert "student study arms run: 3 of 3 succeeded" in printed and "| oracle | oracle |" in printed
-    rows = _query(demo_home, "SELECT arm, seed, L, map, features, train_queries, oracle FROM student_study")
+    assert "student study arms run: 5 of 5 succeeded" in printed and "| oracle | oracle |" in printed
+    rows = _query(demo_home, "SELECT arm, seed, L, map, features, train_queries, oracle, rerank_m FROM student_study")
     levels = sorted({r[0] for r in _query(demo_home, "SELECT DISTINCT L FROM eval_rank")})
     assert sorted((r[0], r[1], r[2]) for r in rows) == sorted(
         (arm, seed, level) for arm in arms for seed in (0, 1) for level in levels
@@ -438,6 +438,8 @@ def test_the_student_study_trains_arms_from_the_stored_teacher(
     assert all(by["oracle", 0, level][5] == plan["n_test"] and by["oracle", 0, level][6] for level in levels)
     assert all(by["defaults", 0, level][5] == plan["n_train"] for level in levels)
     assert {by["features-text", 1, level][4] for level in levels} == {"text"}
+    assert {by["features-generator", 0, level][4] for level in levels} == {"generator"}
+    assert {r[7] for r in rows if r[0] == "rerank-20"} == {20} and {r[7] for r in rows if r[0] != "rerank-20"} == {None}
     # The defaults arm with the embedder's seed is the embedder's own recipe on the same rows: it measures
     # what rank_eval measured for the distilled embedder.
     distilled = dict(_query(demo_home, "SELECT L, map FROM eval_rank WHERE method = 'distilled'"))
