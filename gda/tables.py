@@ -95,7 +95,9 @@ class SchemaMismatch(RuntimeError):
 
 
 def create_tables(con: duckdb.DuckDBPyConnection) -> None:
-    """Create every declared table (if missing) in ``con``; refuse a stored table whose columns differ."""
+    """Create every declared table (if missing) in ``con``. A stored table that lacks only nullable columns
+    declared after its own gets them (NULL in its rows: a newer gda added a setting); one whose columns
+    differ otherwise is refused, since guessing how to convert its rows could lose them."""
     con.execute(schema_sql())
     for table in table_names():
         stored = con.execute(
@@ -104,6 +106,11 @@ def create_tables(con: duckdb.DuckDBPyConnection) -> None:
             [SCHEMA, table],
         ).fetchall()
         declared = [(c.name, c.type) for c in columns(table)]
+        added = columns(table)[len(stored) :]
+        if stored == declared[: len(stored)] and all(c.nullable for c in added):
+            for column in added:
+                con.execute(f"ALTER TABLE {SCHEMA}.{table} ADD COLUMN {column.name} {column.type}")
+            stored = declared
         if stored != declared:
             raise SchemaMismatch(
                 f"table {table} was created by an older gda (columns {[c for c, _ in stored]}, now "
