@@ -16,7 +16,7 @@ import torch
 from gda import layout
 from gda.arrays import IdArray
 from gda.diffusion.bundle import DiffusionBundle
-from gda.diffusion.loss import make_draws, model_space
+from gda.diffusion.loss import make_draws, model_space, noised
 from gda.evaluation import Features
 from gda.queries import load_generated
 from gda.registry import open_model
@@ -33,25 +33,17 @@ def unet_features(
     bundle: DiffusionBundle, images: torch.Tensor, states: torch.Tensor, ids: Sequence[int], seed: int
 ) -> np.ndarray:
     """(n, mid-block channels) float32: the mid block's output, mean over space and over the TIMESTEPS draws."""
-    if not len(images) == len(states) == len(ids):
-        raise ValueError(f"{len(images)} images, {len(states)} prompt states and {len(ids)} ids must pair up")
+    draws = make_draws(list(ids), range(len(TIMESTEPS)), seed, bundle.sample_shape, timesteps=TIMESTEPS)
+    rows = noised(bundle, model_space(bundle, images), states, draws)
     captured: list[torch.Tensor] = []
     hook = bundle.unet.mid_block.register_forward_hook(lambda _m, _i, out: captured.append(out.mean(dim=(2, 3))))
     try:
-        x0 = model_space(bundle, images)
-        draws = make_draws(list(ids), range(len(TIMESTEPS)), seed, bundle.sample_shape, timesteps=TIMESTEPS)
-        d = len(TIMESTEPS)
-        x = x0.repeat_interleave(d, dim=0)
-        cond = states.to(bundle.device, bundle.dtype).repeat_interleave(d, dim=0)
-        t = draws.timesteps.reshape(-1).to(bundle.device)
-        noise = draws.noise.reshape(len(x), *x.shape[1:]).to(bundle.device, bundle.dtype)
-        noisy = bundle.scheduler.add_noise(x, noise, t)
-        for start in range(0, len(x), ROWS_PER_CALL):
-            rows = slice(start, start + ROWS_PER_CALL)
-            bundle.unet(noisy[rows], t[rows], encoder_hidden_states=cond[rows])
+        for start in range(0, len(rows.noisy), ROWS_PER_CALL):
+            chunk = slice(start, start + ROWS_PER_CALL)
+            bundle.unet(rows.noisy[chunk], rows.t[chunk], encoder_hidden_states=rows.states[chunk])
     finally:
         hook.remove()
-    return torch.cat(captured).view(len(ids), d, -1).mean(dim=1).float().cpu().numpy()
+    return torch.cat(captured).view(len(ids), len(TIMESTEPS), -1).mean(dim=1).float().cpu().numpy()
 
 
 def with_generator_images(store: Store, features: Features, device: str, seed: int = SEED) -> Features:

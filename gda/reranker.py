@@ -62,9 +62,10 @@ def pair_features(inputs: PairInputs, query_rows: np.ndarray, train_rows: np.nda
 class Reranker(nn.Module):
     def __init__(self, input_dim: int, config: RerankerConfig) -> None:
         super().__init__()
-        torch.manual_seed(config.seed)
         self.config = config
-        self.mlp = nn.Sequential(nn.Linear(input_dim, config.hidden), nn.ReLU(), nn.Linear(config.hidden, 1))
+        with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's RNG
+            torch.manual_seed(config.seed)
+            self.mlp = nn.Sequential(nn.Linear(input_dim, config.hidden), nn.ReLU(), nn.Linear(config.hidden, 1))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.mlp(features).squeeze(-1)

@@ -82,8 +82,12 @@ class Distillation:
     history: list[EpochRecord]
     train_queries: int
     val_queries: int
-    pairs: int
+    training_pairs: PairRows  # what the embedder was fitted to, negatives included
     L: int  # positives per validation query for the validation mAP
+
+    @property
+    def pairs(self) -> int:
+        return len(self.training_pairs)
 
 
 def top_of_rankings(scores: pl.DataFrame, top_k: int) -> pl.DataFrame:
@@ -93,22 +97,6 @@ def top_of_rankings(scores: pl.DataFrame, top_k: int) -> pl.DataFrame:
     return scores.filter(pl.col("rank") < top_k).with_columns(
         n_candidates=pl.min_horizontal(pl.col("n_candidates"), pl.lit(top_k)).cast(pl.Int32)
     )
-
-
-def student_pairs(
-    config: StudentConfig,
-    scores: pl.DataFrame,
-    train_ids: np.ndarray,
-    query_ids: np.ndarray,
-    rng: np.random.Generator,
-) -> tuple[pl.DataFrame, PairRows]:
-    """The train-split teacher rows the student fits (each query's top ``config.top_k``) and its pairs, with
-    negatives and subsampling drawn from ``rng``."""
-    fitting = top_of_rankings(scores.filter(pl.col("split") == "train"), config.top_k)
-    if fitting.is_empty():
-        raise ValueError("no teacher scores for train-split queries; materialize abu_scores for the train batches")
-    pairs = training_pairs(fitting, train_ids, rng, config.p_negative, config.per_query)
-    return fitting, to_rows(pairs, query_ids, train_ids)
 
 
 def distill(
@@ -126,7 +114,10 @@ def distill(
     train_ids, train_features = train
     query_ids, query_features = queries
     rng = np.random.default_rng(config.seed)
-    fitting, pairs = student_pairs(config, scores, train_ids, query_ids, rng)
+    fitting = top_of_rankings(scores.filter(pl.col("split") == "train"), config.top_k)
+    if fitting.is_empty():
+        raise ValueError("no teacher scores for train-split queries; materialize abu_scores for the train batches")
+    pairs = to_rows(training_pairs(fitting, train_ids, rng, config.p_negative, config.per_query), query_ids, train_ids)
     held_out = scores.filter(pl.col("split") == "val")
     L = max(1, round(config.val_fraction_l * len(train_ids)))
     validation = None
@@ -141,9 +132,7 @@ def distill(
         validation,
         progress=progress,
     )
-    return Distillation(
-        embedder, history, fitting["query_id"].n_unique(), held_out["query_id"].n_unique(), len(pairs), L
-    )
+    return Distillation(embedder, history, fitting["query_id"].n_unique(), held_out["query_id"].n_unique(), pairs, L)
 
 
 @dataclass(frozen=True)

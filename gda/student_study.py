@@ -19,7 +19,7 @@ from gda import plots, tables
 from gda.evaluation import Features, cosine_rankings, levels_for, rank_table, restrict, teacher_rankings
 from gda.reranker import PairInputs, RerankerConfig, rerank, train_reranker
 from gda.store import Store
-from gda.student import StudentConfig, distill, student_pairs
+from gda.student import StudentConfig, distill
 from gda.study_arms import StudyArm
 
 
@@ -105,8 +105,8 @@ def run_arm(arm: StudyArm, base: StudentConfig, inputs: StudyInputs, seeds: Sequ
         ranking = cosine_rankings(query_vectors, train_vectors, rows, train_ids)
         if arm.rerank_m is not None:
             pair_inputs = PairInputs(query_vectors, train_vectors, query_features, train_features, inputs.image_dim)
-            _, pairs = student_pairs(config, scores, train_ids, query_ids, np.random.default_rng(seed))
-            reranker = train_reranker(RerankerConfig(top_m=arm.rerank_m, seed=seed), pair_inputs, pairs)
+            second = RerankerConfig(top_m=arm.rerank_m, seed=seed)
+            reranker = train_reranker(second, pair_inputs, result.training_pairs)
             ranking = rerank(reranker, pair_inputs, ranking, rows, train_ids)
         seconds = time.perf_counter() - started
         table = rank_table(inputs.teacher, {"distilled": restrict(ranking, inputs.teacher)}, inputs.levels)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -127,6 +128,29 @@ def _min_snr_weight(bundle: DiffusionBundle, t: torch.Tensor, gamma: float) -> t
     return clipped
 
 
+class Noised(NamedTuple):
+    """Every (item, draw) row of model-space inputs: one row per item and draw, item-major."""
+
+    x: torch.Tensor  # the clean inputs, repeated per draw
+    noise: torch.Tensor
+    t: torch.Tensor
+    states: torch.Tensor  # the prompt states, repeated per draw
+    noisy: torch.Tensor  # what the UNet denoises
+
+
+def noised(bundle: DiffusionBundle, x0: torch.Tensor, prompt_states: torch.Tensor, draws: Draws) -> Noised:
+    """The UNet's inputs for model-space ``x0`` under ``draws``, on the bundle's device and dtype."""
+    n, d = draws.timesteps.shape
+    if x0.shape[0] != n or prompt_states.shape[0] != n:
+        raise ValueError(f"{x0.shape[0]} inputs and {prompt_states.shape[0]} prompt states for {n} items")
+    device = bundle.device
+    x = x0.to(device, bundle.dtype).repeat_interleave(d, dim=0)
+    states = prompt_states.to(device, bundle.dtype).repeat_interleave(d, dim=0)
+    t = draws.timesteps.reshape(-1).to(device)
+    noise = draws.noise.reshape(n * d, *x.shape[1:]).to(device, bundle.dtype)
+    return Noised(x, noise, t, states, bundle.scheduler.add_noise(x, noise, t))
+
+
 def draw_losses(
     bundle: DiffusionBundle,
     x0: torch.Tensor,
@@ -139,14 +163,7 @@ def draw_losses(
     All n*d noisy inputs go through one UNet call; chunk items outside if memory is short.
     """
     n, d = draws.timesteps.shape
-    if x0.shape[0] != n or prompt_states.shape[0] != n:
-        raise ValueError(f"{x0.shape[0]} inputs and {prompt_states.shape[0]} prompt states for {n} items")
-    device = bundle.device
-    x = x0.to(device, bundle.dtype).repeat_interleave(d, dim=0)
-    states = prompt_states.to(device, bundle.dtype).repeat_interleave(d, dim=0)
-    t = draws.timesteps.reshape(-1).to(device)
-    noise = draws.noise.reshape(n * d, *x.shape[1:]).to(device, bundle.dtype)
-    noisy = bundle.scheduler.add_noise(x, noise, t)
+    x, noise, t, states, noisy = noised(bundle, x0, prompt_states, draws)
     prediction = bundle.scheduler.config.prediction_type
     if prediction == "epsilon":
         target = noise
