@@ -37,15 +37,26 @@ def query_seed(seed: int, query_id: int) -> int:
 
 def plan_queries(candidates: pl.DataFrame, counts: QueryCounts) -> pl.DataFrame:
     """Draw the test, val and train prompts from ``candidates`` (columns ``prompt`` and ``extra``, JSON or
-    null) without replacement, and group each split into query batches of ``counts.batch_size``."""
+    null) without replacement, and group each split into query batches of ``counts.batch_size``.
+
+    Test and val prompts are always distinct and never train prompts. When there are fewer distinct prompts
+    than queries (a corpus with few captions), the train split repeats the prompts left after test and val,
+    each time with its own sampling seed: a generator makes many images per prompt, and each is a query."""
     wanted = {"test": counts.n_test, "val": counts.n_val, "train": counts.n_train}
     if min(wanted.values()) < 0 or counts.batch_size < 1:
         raise ValueError(f"query counts must be >= 0 and batch_size >= 1, got {wanted}, {counts.batch_size}")
     total = sum(wanted.values())
     unique = candidates.unique(subset="prompt", keep="first", maintain_order=True)
-    if unique.height < total:
-        raise ValueError(f"{total} query prompts requested but only {unique.height} distinct prompts are available")
-    order = np.random.default_rng(counts.seed).permutation(unique.height)[:total]
+    held_out = counts.n_test + counts.n_val
+    if unique.height < total and (unique.height <= held_out or counts.n_train == 0):
+        raise ValueError(
+            f"{total} query prompts requested but only {unique.height} distinct prompts are available, and test "
+            f"and val alone need {held_out} plus at least one for train: give query_plan a prompts_file with "
+            "more prompts, or lower n_test / n_val"
+        )
+    order = np.random.default_rng(counts.seed).permutation(unique.height)[: min(total, unique.height)]
+    train_pool = order[held_out:]
+    order = np.concatenate([order[:held_out], np.resize(train_pool, counts.n_train)])
     chosen = unique[order.tolist()]
     rows: list[dict[str, object]] = []
     start = 0

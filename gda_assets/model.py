@@ -112,7 +112,18 @@ def build_query_prompts(embedded: bool) -> dg.AssetsDefinition:
             context.instance.delete_dynamic_partition(query_batch_partitions.name, key)
         context.instance.add_dynamic_partitions(query_batch_partitions.name, batches)
         split_counts = dict(frame.group_by("split").len().iter_rows())
-        yield dg.Output(frame, metadata={"dagster/row_count": frame.height, "batches": batches, "splits": split_counts})
+        distinct = dict(frame.group_by("split").agg(pl.col("prompt").n_unique()).iter_rows())
+        if distinct.get("train", 0) < split_counts.get("train", 0):
+            context.log.warning(f"{distinct['train']} distinct train prompts for {split_counts['train']} train queries")
+        yield dg.Output(
+            frame,
+            metadata={
+                "dagster/row_count": frame.height,
+                "batches": batches,
+                "splits": split_counts,
+                "distinct_prompts": distinct,
+            },
+        )
         yield from table_check_results(warehouse, "query_prompts", frame.height)
 
     return query_prompts

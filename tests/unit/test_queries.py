@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import polars as pl
 import pytest
@@ -41,12 +42,22 @@ def test_splits_are_disjoint_sized_and_batched() -> None:
     assert other["prompt"].to_list() != plan["prompt"].to_list()
 
 
-def test_duplicate_prompts_are_drawn_once_and_shortage_is_an_error() -> None:
+def test_duplicate_prompts_are_drawn_once_and_a_shortage_repeats_only_train_prompts() -> None:
     doubled = pl.concat([_candidates(10), _candidates(10)])
     plan = plan_queries(doubled, QueryCounts(n_train=6, n_val=2, n_test=2, batch_size=4, seed=0))
     assert plan["prompt"].n_unique() == 10
-    with pytest.raises(ValueError, match="11 query prompts requested but only 10"):
-        plan_queries(doubled, QueryCounts(n_train=7, n_val=2, n_test=2, batch_size=4, seed=0))
+
+    # 15 train queries on the 6 prompts test and val leave: each used 2 or 3 times, each query its own seed.
+    short = plan_queries(doubled, QueryCounts(n_train=15, n_val=2, n_test=2, batch_size=4, seed=0))
+    split = {name: short.filter(pl.col("split") == name)["prompt"].to_list() for name in ("test", "val", "train")}
+    assert len(split["train"]) == 15 and len(set(split["train"])) == 6
+    assert sorted(Counter(split["train"]).values()) == [2, 2, 2, 3, 3, 3]
+    assert len(set(split["test"] + split["val"])) == 4 and not set(split["test"] + split["val"]) & set(split["train"])
+    assert short["seed"].n_unique() == short.height
+    # Where there are enough, the draw is the one without repeats.
+    assert short.head(4)["prompt"].to_list() == plan.head(4)["prompt"].to_list()
+    with pytest.raises(ValueError, match="only 10 distinct prompts are available, and test and val alone need 10"):
+        plan_queries(doubled, QueryCounts(n_train=7, n_val=5, n_test=5, batch_size=4, seed=0))
 
 
 def test_heldout_attributes_travel_as_json() -> None:
