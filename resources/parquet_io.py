@@ -6,14 +6,10 @@ queue on gda.duckdb's lock to store their rows. With the warehouse's ``table_for
 written by ``ParquetIOManager`` without opening DuckDB; gda.duckdb holds views named like the tables over
 those files (``Warehouse.ensure_tables``), so the named queries and the checks read them unchanged.
 
-A file is written to a hidden temp name in the same folder (``.NAME.<pid>-<token>.tmp``, which the views'
-``*.parquet`` glob does not match), flushed to disk, then renamed over the partition's file with
-``os.replace``: readers see the old file or the new one, never a half-written one, and a process killed
-mid-write leaves the old file as it was (plus its temp file, which nothing reads).
+A file is replaced atomically (`gda.parquet_files`): written to a hidden temp name in the same folder, which
+the views' ``*.parquet`` glob does not match, then renamed over the partition's file.
 """
 
-import os
-import uuid
 from pathlib import Path
 from urllib.parse import quote
 
@@ -21,6 +17,7 @@ import dagster as dg
 import polars as pl
 
 from gda import tables
+from gda.parquet_files import write_parquet_atomically
 
 # The tables that can be kept as Parquet: those whose assets store their output through BATCH_TABLES_IO
 # (the teacher's per-query-batch tables, written by the GPU workers).
@@ -40,26 +37,6 @@ def partition_file(root: str | Path, table: str, column: str, key: str) -> Path:
     """Where one partition's rows live: ``<root>/<table>/<column>=<key>.parquet`` (the key percent-encoded
     where it is not a plain file name)."""
     return table_folder(root, table) / f"{column}={quote(key, safe='-_.')}.parquet"
-
-
-def _replace(source: Path, target: Path) -> None:
-    """The publishing rename (a function of its own so tests can fail or kill at exactly this moment)."""
-    os.replace(source, target)
-
-
-def write_parquet_atomically(frame: pl.DataFrame, path: Path) -> None:
-    """Write ``frame`` to ``path`` via a temp file in the same folder and one rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(temp, "wb") as handle:
-            frame.write_parquet(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        _replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
 
 
 def write_partition(root: str | Path, table: str, column: str, key: str, frame: pl.DataFrame) -> Path:

@@ -16,7 +16,7 @@ import duckdb
 import polars as pl
 import pytest
 
-from gda import tables
+from gda import parquet_files, tables
 from gda.home import Home
 from gda.profiles import profile_values
 from gda_assets import factory
@@ -64,16 +64,16 @@ def test_a_failed_rename_leaves_the_previous_file_and_no_temp_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "abu_scores" / "batch=a.parquet"
-    parquet_io.write_parquet_atomically(_scores("a", 1.0), path)
+    parquet_files.write_parquet_atomically(_scores("a", 1.0), path)
     before = path.read_bytes()
 
     def fail(source: Path, target: Path) -> None:
         assert source.exists() and source.parent == target.parent  # the new file was written in full, next to it
         raise OSError("disk went away")
 
-    monkeypatch.setattr(parquet_io, "_replace", fail)
+    monkeypatch.setattr(parquet_files, "_replace", fail)
     with pytest.raises(OSError, match="disk went away"):
-        parquet_io.write_parquet_atomically(_scores("a", 2.0), path)
+        parquet_files.write_parquet_atomically(_scores("a", 2.0), path)
     assert path.read_bytes() == before
     assert _hidden(path.parent) == []
 
@@ -83,16 +83,16 @@ KILL_WRITER = textwrap.dedent(
     import os, signal, sys
     from pathlib import Path
     import polars as pl
-    from resources import parquet_io
-    parquet_io._replace = lambda source, target: os.kill(os.getpid(), signal.SIGKILL)
-    parquet_io.write_parquet_atomically(pl.DataFrame({"x": [9, 9, 9]}), Path(sys.argv[1]))
+    from gda import parquet_files
+    parquet_files._replace = lambda source, target: os.kill(os.getpid(), signal.SIGKILL)
+    parquet_files.write_parquet_atomically(pl.DataFrame({"x": [9, 9, 9]}), Path(sys.argv[1]))
     """
 )
 
 
 def test_a_writer_killed_before_the_rename_leaves_the_previous_file_readable(tmp_path: Path) -> None:
     path = tmp_path / "t" / "batch=a.parquet"
-    parquet_io.write_parquet_atomically(pl.DataFrame({"x": [1, 2]}), path)
+    parquet_files.write_parquet_atomically(pl.DataFrame({"x": [1, 2]}), path)
     killed = subprocess.run(
         [sys.executable, "-c", KILL_WRITER, str(path)], cwd=REPO, capture_output=True, text=True, timeout=120
     )
@@ -235,7 +235,7 @@ def test_assets_write_partition_files_that_the_views_queries_and_checks_read(
     def fail(source: Path, target: Path) -> None:
         raise OSError("killed mid-write")
 
-    monkeypatch.setattr(parquet_io, "_replace", fail)
+    monkeypatch.setattr(parquet_files, "_replace", fail)
     failed = _materialize(home, ["dino_candidates"], BATCH)
     [failure] = failed.get_step_failure_events()
     assert "killed mid-write" in failure.step_failure_data.error.to_string()
