@@ -1,5 +1,7 @@
 """The frozen feature encoders, named by backend (see gda.encoders), loaded once per run."""
 
+from typing import Literal
+
 import dagster as dg
 from pydantic import Field, field_validator
 
@@ -14,6 +16,8 @@ class Encoders(dg.ConfigurableResource):
     text_model: str | None = None
     image_size: int = Field(default=224, ge=1)
     batch_size: int = Field(default=64, ge=1)
+    # How the networks run: ONNX Runtime on CPU in float32 under "auto", else eager PyTorch (gda.encoders.runtime).
+    runtime: Literal["auto", "eager", "onnx"] = "auto"
 
     # A local folder is resolved now, so every run reads the same one; anything else is a hub id, looked up
     # in the HF cache when the encoder loads (which names what is missing).
@@ -30,6 +34,7 @@ class Encoders(dg.ConfigurableResource):
             text_model=self.text_model,
             image_size=self.image_size,
             batch_size=self.batch_size,
+            runtime=self.runtime,
             device=device,
             dtype=dtype,
         )

@@ -36,6 +36,13 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _encoder_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Encoders' exported ONNX graphs go to this session's scratch folder (and that of every process a test
+    starts), not the user's ~/.cache."""
+    os.environ["GDA_CACHE_DIR"] = str(tmp_path_factory.mktemp("gda-cache"))
+
+
+@pytest.fixture(autouse=True, scope="session")
 def one_thread() -> Iterator[None]:
     """Tiny tensors gain nothing from a second thread, and spin-waiting threads on a busy 2-core machine
     made them many times slower."""

@@ -47,7 +47,10 @@ class EncoderSpec:
     size from its own image processor config). `dtype` ("float32", "float16", "bfloat16") is the `hf`
     models' weight precision; features are returned as float32 either way, and the encoder's version does
     not change with it (the same features, rounded), so features made on a GPU in half precision serve
-    queries encoded in float32 on a CPU. The packaged backends run in float32 only.
+    queries encoded in float32 on a CPU. The packaged backends run in float32 only. `runtime` runs the
+    network with eager PyTorch or ONNX Runtime ("auto": ONNX Runtime on CPU in float32, else eager; see
+    gda.encoders.runtime); like dtype, it does not change the version. `threads` bounds ONNX Runtime's threads
+    (default: torch's), so that two encoders running side by side each take their share of the cores.
     """
 
     image_backend: str = "efficientnet-lite0"
@@ -58,6 +61,8 @@ class EncoderSpec:
     batch_size: int = 64
     device: str = "cpu"
     dtype: str = "float32"
+    runtime: str = "auto"
+    threads: int | None = None
 
 
 class ImageEncoder(Protocol):

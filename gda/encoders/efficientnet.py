@@ -17,6 +17,7 @@ from PIL import Image
 from gda.encoders import EncoderSpec
 from gda.encoders.base import encode_batched, version_hash
 from gda.encoders.packaged import efficientnet_lite0_weights
+from gda.encoders.runtime import chosen_runtime, compile_network
 from gda.images import to_rgb
 
 # The Lite checkpoints are converted from the TF "lite" models, which were trained on inputs
@@ -56,6 +57,9 @@ class EfficientNetLite0Encoder:
         state = torch.load(self.weights, map_location="cpu", weights_only=True)
         model.load_state_dict(state, strict=True)
         self.model = model.eval().requires_grad_(False).to(self.device)
+        example = np.zeros((2, 3, self.image_size, self.image_size), dtype=np.float32)
+        runtime = chosen_runtime(spec.runtime, spec.device, spec.dtype)
+        self._network = compile_network(_Pooled(self.model), [example], ["pixels"], runtime, self.version, spec.threads)
 
     @cached_property
     def version(self) -> str:
@@ -65,8 +69,16 @@ class EfficientNetLite0Encoder:
         """(n, 1280) float32 features for PIL images of any mode and size."""
         return encode_batched(images, self._forward, self.dim, self.batch_size, progress, self.name)
 
-    @torch.inference_mode()
     def _forward(self, images: Sequence[Image.Image]) -> np.ndarray:
-        pixels = np.stack([preprocess(image, self.image_size) for image in images])
-        feature_map = self.model.extract_features(torch.from_numpy(pixels).to(self.device))
-        return feature_map.mean(dim=(2, 3)).float().cpu().numpy()
+        return self._network(np.stack([preprocess(image, self.image_size) for image in images]))
+
+
+class _Pooled(torch.nn.Module):
+    """The conv head's output averaged over space: the network the runtime runs."""
+
+    def __init__(self, model: EfficientNet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.extract_features(pixels).mean(dim=(2, 3))

@@ -33,6 +33,7 @@ from transformers import (
 
 from gda.encoders import EncoderSpec
 from gda.encoders.base import EncoderError, encode_batched, version_hash
+from gda.encoders.runtime import chosen_runtime, compile_network
 from gda.images import to_rgb
 from gda.paths import model_folder
 
@@ -119,6 +120,10 @@ class HFImageEncoder:
                 f"image model {spec.image_model!r} has model_type {self.model_type!r}; "
                 f"supported: {', '.join(IMAGE_MODEL_TYPES)}"
             )
+        example = self.processor(images=[Image.new("RGB", (32, 32))] * 2, return_tensors="np")["pixel_values"]
+        runtime = chosen_runtime(spec.runtime, spec.device, spec.dtype)
+        network = _ImageFeatures(self.model, self.model_type)
+        self._network = compile_network(network, [example], ["pixel_values"], runtime, self.version, spec.threads)
 
     @cached_property
     def version(self) -> str:
@@ -128,15 +133,23 @@ class HFImageEncoder:
         """(n, dim) float32 features for PIL images of any mode and size."""
         return encode_batched(images, self._forward, self.dim, self.batch_size, progress, self.name)
 
-    @torch.inference_mode()
     def _forward(self, images: Sequence[Image.Image]) -> np.ndarray:
-        pixels = self.processor(images=[to_rgb(image) for image in images], return_tensors="pt")
-        pixel_values = pixels["pixel_values"].to(self.device, self.model.dtype)
-        if self.model_type in ("clip", "clip_vision_model"):
-            features = self.model(pixel_values=pixel_values).image_embeds
-        else:
-            features = self.model(pixel_values=pixel_values).last_hidden_state[:, 0]
-        return features.float().cpu().numpy()
+        pixels = self.processor(images=[to_rgb(image) for image in images], return_tensors="np")
+        return self._network(pixels["pixel_values"])
+
+
+class _ImageFeatures(torch.nn.Module):
+    """CLIP's projected image embedding, or the CLS state of a ViT / DINOv2: the network the runtime runs."""
+
+    def __init__(self, model: PreTrainedModel, model_type: str) -> None:
+        super().__init__()
+        self.model = model
+        self.projected = model_type in ("clip", "clip_vision_model")
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.projected:
+            return self.model(pixel_values=pixel_values).image_embeds
+        return self.model(pixel_values=pixel_values).last_hidden_state[:, 0]
 
 
 class HFTextEncoder:
@@ -158,6 +171,16 @@ class HFTextEncoder:
         self.model = _frozen(model, spec)
         self.dim = self.model.config.projection_dim
         self.max_length = self.model.config.max_position_embeddings
+        example = self.tokenizer(["a", "an example"], padding=True, return_tensors="np")
+        runtime = chosen_runtime(spec.runtime, spec.device, spec.dtype)
+        self._network = compile_network(
+            _TextFeatures(self.model),
+            [example["input_ids"].astype(np.int64), example["attention_mask"].astype(np.int64)],
+            ["input_ids", "attention_mask"],
+            runtime,
+            self.version,
+            spec.threads,
+        )
 
     @cached_property
     def version(self) -> str:
@@ -167,10 +190,19 @@ class HFTextEncoder:
         """(n, dim) float32 projected text embeddings."""
         return encode_batched(texts, self._forward, self.dim, self.batch_size, progress, self.name)
 
-    @torch.inference_mode()
     def _forward(self, texts: Sequence[str]) -> np.ndarray:
         batch = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        ).to(self.device)
-        output = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        return output.text_embeds.float().cpu().numpy()
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="np"
+        )
+        return self._network(batch["input_ids"].astype(np.int64), batch["attention_mask"].astype(np.int64))
+
+
+class _TextFeatures(torch.nn.Module):
+    """CLIP's projected text embedding: the network the runtime runs."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).text_embeds

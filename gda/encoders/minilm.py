@@ -19,6 +19,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 from gda.encoders import EncoderSpec
 from gda.encoders.base import encode_batched, version_hash
 from gda.encoders.packaged import minilm_path
+from gda.encoders.runtime import chosen_runtime, compile_network
 
 DIM = 384
 
@@ -55,6 +56,16 @@ class MiniLMEncoder:
         self.path = minilm_path()
         self.max_length = max_seq_length(self.path)
         self.tokenizer, self.model = load_minilm(self.path, spec.device)
+        example = np.ones((2, 8), dtype=np.int64)
+        runtime = chosen_runtime(spec.runtime, spec.device, spec.dtype)
+        self._network = compile_network(
+            _SentenceEmbedding(self.model),
+            [example, example],
+            ["input_ids", "attention_mask"],
+            runtime,
+            self.version,
+            spec.threads,
+        )
 
     @cached_property
     def version(self) -> str:
@@ -65,10 +76,20 @@ class MiniLMEncoder:
         """(n, 384) float32 unit-norm embeddings."""
         return encode_batched(texts, self._forward, self.dim, self.batch_size, progress, self.name)
 
-    @torch.inference_mode()
     def _forward(self, texts: Sequence[str]) -> np.ndarray:
         batch = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        ).to(self.device)
-        pooled = mean_pool(self.model(**batch).last_hidden_state, batch["attention_mask"])
-        return torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy()
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="np"
+        )
+        return self._network(batch["input_ids"].astype(np.int64), batch["attention_mask"].astype(np.int64))
+
+
+class _SentenceEmbedding(torch.nn.Module):
+    """Masked mean of the last hidden states, L2-normalised: the network the runtime runs."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return torch.nn.functional.normalize(mean_pool(hidden, attention_mask), dim=-1)
