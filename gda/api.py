@@ -12,7 +12,9 @@ and embedder versions differ), 413 for a request body over the upload limit (enf
 and before reading when the declared length is already over) or an image over Pillow's pixel limit, 415 for
 an /attribute body that is not multipart/form-data or an image part whose bytes are not an image (the bytes
 decide, not the part's declared type, which clients often leave generic), 422 for an empty prompt or top_k
-out of range, 404 for an unknown training or query id.
+out of range, 404 for an unknown training or query id. `POST /attribute/batch` answers up to MAX_BATCH_ITEMS
+images with their prompts in one request (413 above that): each item gets its answer or its own error with
+the status /attribute would have given it, so one bad image does not fail the rest.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations at run time, and they
@@ -30,16 +32,34 @@ from pydantic import BaseModel
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gda.service import AttributionEngine, ImageTooLarge, InvalidImage, Match, Refused, Versions
+from gda.service import AttributionEngine, ImageTooLarge, InvalidImage, Match, PreparedQuery, Refused, Versions
 
 MiB = 1 << 20
+MAX_BATCH_ITEMS = 64
 
 
 class AttributeResponse(BaseModel):
     results: list[Match]
     versions: Versions
     image_sha256: str
+    log_id: str  # the answer's attribution_log row
+    batch_size: int  # requests answered in the same micro-batch
     timings_ms: dict[str, float]
+
+
+class ItemError(BaseModel):
+    status: int  # what /attribute would have answered for this item alone
+    detail: str
+
+
+class BatchItem(BaseModel):
+    index: int  # position in the request's images and prompts
+    answer: AttributeResponse | None
+    error: ItemError | None
+
+
+class BatchResponse(BaseModel):
+    items: list[BatchItem]
 
 
 class TrainingImageResponse(BaseModel):
@@ -134,6 +154,17 @@ def _multipart_only(request: Request) -> None:
         )
 
 
+def _status(error: Exception) -> int:
+    """The HTTP status of an engine's refusal of a request."""
+    if isinstance(error, Refused):
+        return 409
+    if isinstance(error, ImageTooLarge):
+        return 413
+    if isinstance(error, InvalidImage):
+        return 415
+    return 422
+
+
 def create_app(engine: AttributionEngine, max_upload_bytes: int = 10 * MiB, token: str | None = None) -> FastAPI:
     """The API answering from `engine`, only to callers sending `token` as a bearer token when one is given;
     its answers are logged by the engine's audit log (interface 'http')."""
@@ -174,15 +205,37 @@ def create_app(engine: AttributionEngine, max_upload_bytes: int = 10 * MiB, toke
     ) -> dict:
         """The most influential training images, best first, with the versions that answered."""
         try:
-            return engine.attribute(image.file.read(), prompt, top_k).payload()
+            request = engine.prepare(image.file.read(), prompt, top_k)
+            return engine.answer([request])[0].payload()
+        except (Refused, ValueError) as error:
+            raise HTTPException(_status(error), str(error)) from error
+
+    @api.post("/attribute/batch", response_model=BatchResponse, dependencies=[Depends(_multipart_only)])
+    def attribute_batch(
+        images: Annotated[list[UploadFile], File(description=f"the generated images, at most {MAX_BATCH_ITEMS}")],
+        prompts: Annotated[list[str], Form(description="their prompts, one per image, in the same order")],
+        top_k: Annotated[int, Form(description="how many training images to return per image")] = 10,
+    ) -> dict:
+        """Many images at once (a platform's backfill): one answer or one error per item, in order; a bad
+        item does not fail the others."""
+        if len(images) != len(prompts):
+            raise HTTPException(422, f"got {len(images)} images but {len(prompts)} prompts: send one prompt per image")
+        if len(images) > MAX_BATCH_ITEMS:
+            raise HTTPException(413, f"{len(images)} items in one batch; send at most {MAX_BATCH_ITEMS} per request")
+        items: list[dict] = [{"index": i, "answer": None, "error": None} for i in range(len(images))]
+        prepared: list[tuple[int, PreparedQuery]] = []
+        for i, (upload, prompt) in enumerate(zip(images, prompts, strict=True)):
+            try:
+                prepared.append((i, engine.prepare(upload.file.read(), prompt, top_k)))
+            except (Refused, ValueError) as error:
+                items[i]["error"] = {"status": _status(error), "detail": str(error)}
+        try:
+            answers = engine.answer([request for _, request in prepared])
         except Refused as error:
             raise HTTPException(409, str(error)) from error
-        except ImageTooLarge as error:
-            raise HTTPException(413, str(error)) from error
-        except InvalidImage as error:
-            raise HTTPException(415, str(error)) from error
-        except ValueError as error:
-            raise HTTPException(422, str(error)) from error
+        for (i, _), answer in zip(prepared, answers, strict=True):
+            items[i]["answer"] = answer.payload()
+        return {"items": items}
 
     def _training_image(train_id: int) -> tuple[dict, bytes]:
         try:

@@ -132,17 +132,20 @@ def _audit_query(args: argparse.Namespace) -> tuple[str, list[object]]:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    """Answer an audit question from the attribution log, read-only (a running `gda serve` keeps logging)."""
+    """Answer an audit question from the attribution log, after moving in the rows still in its write-ahead file
+    (when the database is free; a running `gda serve` keeps logging)."""
     import duckdb
     import polars as pl
 
-    from gda.audit import SPOOL_FILE
+    from gda.audit import AuditLog
     from sql import named_query
 
     home = Home.resolve(args.home)
     if not home.duckdb_path.exists():
         raise FileNotFoundError(f"{home.duckdb_path} does not exist: run gda demo (or gda ingest) on this home first")
     name, params = _audit_query(args)
+    log = AuditLog.for_home(home, "cli")
+    log.move()
     with duckdb.connect(str(home.duckdb_path), read_only=True) as con:
         rows = con.execute(named_query(name), params).pl()
     if args.format == "json":
@@ -152,12 +155,11 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     else:
         with pl.Config(tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=60, tbl_hide_dataframe_shape=True):
             print(rows if rows.height else f"no logged answers match ({name})")
-    spool = home.root / SPOOL_FILE
-    if spool.exists() and spool.stat().st_size:
-        pending = sum(1 for line in spool.read_text(encoding="utf-8").splitlines() if line.strip())
+    pending = log.pending()
+    if pending:
         print(
-            f"gda: {pending} answer(s) logged while the database was busy wait in {spool}; "
-            "they are stored with the next answer",
+            f"gda: {pending} answer(s) logged while the database was busy wait in {log.spool}; "
+            "they are stored with the next move (gda serve moves them every second, gda audit and gda query too)",
             file=sys.stderr,
         )
     return 0
@@ -214,6 +216,17 @@ def _cmd_query(args: argparse.Namespace) -> int:
         print(json.dumps(answer.payload(), indent=2))
         return 0
     _print_answer(answer)
+    return 0
+
+
+def _cmd_attribute(args: argparse.Namespace) -> int:
+    from gda.backfill import backfill
+    from gda.service import open_engine
+
+    _use_profile_threads(args.profile)
+    with open_engine(Home.resolve(args.home), args.profile, interface="cli") as engine:
+        summary = backfill(engine, Path(args.images), Path(args.prompts), Path(args.out), args.top_k)
+    print(f"wrote {args.out}: {summary.answered} of {summary.items} images attributed, {summary.errors} error rows")
     return 0
 
 
@@ -350,6 +363,18 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--top-k", type=int, default=10, help="how many training images (default 10)")
     query.add_argument("--json", action="store_true", help="print the answer as JSON")
     query.set_defaults(run=_cmd_query)
+
+    attribute = commands.add_parser(
+        "attribute", help="a backfill: attribute a folder of generated images with their prompts into a Parquet file"
+    )
+    _add_common(attribute)
+    attribute.add_argument("--images", required=True, help="the folder of generated images")
+    attribute.add_argument(
+        "--prompts", required=True, help="CSV, JSON lines or Parquet with columns image (path in the folder), prompt"
+    )
+    attribute.add_argument("--out", required=True, help="the Parquet file to write, one row per image")
+    attribute.add_argument("--top-k", type=int, default=10, help="how many training images per image (default 10)")
+    attribute.set_defaults(run=_cmd_attribute)
 
     serve = commands.add_parser(
         "serve",

@@ -2,19 +2,22 @@
 its prompt, the most influential training images with their metadata, in milliseconds.
 
 Everything is loaded once: the embedder, the attribution index, the image and text encoders and the
-training images' metadata. An answer encodes the image and the prompt concurrently (the text encoder is the
-cost over an image-only baseline), embeds concat(image, text) as a query, searches the index and joins the
-metadata. The engine refuses to answer (`VersionMismatch`) when the index was built with another embedder
-than the one loaded: its vectors would not be comparable, and the answers silently wrong. It also holds the
-home's generated test queries, for people to try it on.
+training images' metadata. Concurrent requests are answered in micro-batches (gda.micro_batch): a batch
+encodes its images and its prompts concurrently (the text encoder is the cost over an image-only baseline),
+embeds concat(image, text) as queries, searches the index once and joins the metadata; each answer's audit
+row is on disk before the answer is returned, one fsync per batch. The engine refuses to answer
+(`VersionMismatch`) when the index was built with another embedder than the one loaded: its vectors would not
+be comparable, and the answers silently wrong. It also holds the home's generated test queries, for people to
+try it on.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import threading
+import os
 import time
+import uuid
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +38,7 @@ from gda.corpus.shards import iter_image_bytes
 from gda.embedder import CONFIG_FILE, Embedder, load_embedder
 from gda.encoders import EncoderSpec, ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
 from gda.home import Home
+from gda.micro_batch import BatchSettings, MicroBatcher
 from gda.model_card import read_card
 from gda.profiles import profile_values
 from gda.queries import png_bytes
@@ -96,7 +100,11 @@ class Attribution:
     image_sha256: str  # of the image bytes as given; of the PNG encoding for a PIL image
     prompt: str
     top_k: int
-    timings_ms: dict[str, float]  # image_features, text_features, features (both, concurrent), embed, search, total
+    # wait (queued before its batch started), image_features, text_features, features (both, concurrent),
+    # embed, search (each the whole batch's) and total (from the request to its answer, logging excluded)
+    timings_ms: dict[str, float]
+    log_id: str  # uuid4: the answer's attribution_log row
+    batch_size: int  # requests answered in the same micro-batch
 
     def payload(self) -> dict[str, Any]:
         """The JSON answer of the CLI and the HTTP API."""
@@ -104,8 +112,21 @@ class Attribution:
             "results": [asdict(match) for match in self.results],
             "versions": asdict(self.versions),
             "image_sha256": self.image_sha256,
+            "log_id": self.log_id,
+            "batch_size": self.batch_size,
             "timings_ms": self.timings_ms,
         }
+
+
+@dataclass(frozen=True)
+class PreparedQuery:
+    """A query checked and decoded by `AttributionEngine.prepare`, waiting for its micro-batch."""
+
+    picture: Image.Image
+    prompt: str
+    top_k: int
+    image_sha256: str  # of the image bytes as given; of the PNG encoding for a PIL image
+    started: float  # perf_counter when it arrived
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -145,6 +166,7 @@ class AttributionEngine:
         model_version: str,
         audit: AuditLog | None = None,
         test_queries: Sequence[GeneratedQuery] = (),
+        batching: BatchSettings = BatchSettings(),
     ) -> None:
         config = embedder.config
         if (config.image_dim, config.input_dim - config.image_dim) != (image_encoder.dim, text_encoder.dim):
@@ -167,13 +189,20 @@ class AttributionEngine:
         self.model_version = model_version
         self.audit = audit
         self.test_queries = {query.query_id: query for query in test_queries}
-        # Encoders and embedder are not promised to be thread-safe (a shared HF fast tokenizer raises
-        # "Already borrowed"), so one query computes features at a time; the pool runs its text half.
-        self._compute = threading.Lock()
+        # Encoders and embedder are not promised to be thread-safe, so only the batcher's one worker computes;
+        # the pool runs the text half of each batch beside its image half.
         self._text_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gda-text")
+        self.batching = batching
+        self._batcher = MicroBatcher(self._answer_batch, batching)
+        if audit is not None:
+            audit.start()
 
     def close(self) -> None:
+        """Answer what is queued, stop the workers and move the audit rows left in its write-ahead file."""
+        self._batcher.close()
         self._text_pool.shutdown()
+        if self.audit is not None:
+            self.audit.close()
 
     def __enter__(self) -> AttributionEngine:
         return self
@@ -200,49 +229,72 @@ class AttributionEngine:
     def max_top_k(self) -> int:
         return min(MAX_TOP_K, self.index.manifest.count)
 
-    def attribute(self, image: bytes | Image.Image, prompt: str, top_k: int) -> Attribution:
-        """The `top_k` most influential training images for `image` generated from `prompt`, best first.
-
-        `image` is encoded bytes (decoded here, guarded against decompression bombs) or a PIL image. Raises
-        VersionMismatch, InvalidImage, or ValueError for an empty prompt or a top_k outside 1..max_top_k;
-        the answer is logged when the engine has an audit log.
-        """
+    def prepare(self, image: bytes | Image.Image, prompt: str, top_k: int) -> PreparedQuery:
+        """A checked request: `image` is encoded bytes (decoded here, guarded against decompression bombs) or a
+        PIL image. Raises VersionMismatch, InvalidImage, or ValueError for an empty prompt or a top_k outside
+        1..max_top_k."""
         started = time.perf_counter()
         if self.refusal is not None:
             raise VersionMismatch(self.refusal)
-        if not prompt.strip():
+        if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("prompt is empty: attribution needs the prompt the image was generated from")
         if isinstance(top_k, bool) or not isinstance(top_k, Integral) or not 1 <= top_k <= self.max_top_k:
             raise ValueError(f"top_k must be an integer from 1 to {self.max_top_k}, got {top_k!r}")
-        top_k = int(top_k)
         if isinstance(image, bytes):
             data, picture = image, decode_image(image)
         else:
             data, picture = png_bytes(image), image
-        with self._compute:
-            features_started = time.perf_counter()
-            text_job = self._text_pool.submit(_timed, self.text_encoder.encode, [prompt])
-            image_features, image_ms = _timed(self.image_encoder.encode, [picture])
-            text_features, text_ms = text_job.result()
-            features_ms = (time.perf_counter() - features_started) * 1000
-            query, embed_ms = _timed(
-                self.embedder.embed_queries, np.concatenate([image_features, text_features], axis=1)
+        return PreparedQuery(picture, prompt, int(top_k), hashlib.sha256(data).hexdigest(), started)
+
+    def attribute(self, image: bytes | Image.Image, prompt: str, top_k: int) -> Attribution:
+        """The `top_k` most influential training images for `image` generated from `prompt`, best first,
+        answered in one micro-batch with whatever other requests are waiting; errors as `prepare`. The answer
+        is on disk in the audit log, when the engine has one, before it is returned."""
+        return self.answer([self.prepare(image, prompt, top_k)])[0]
+
+    def answer(self, requests: Sequence[PreparedQuery]) -> list[Attribution]:
+        """The answers of prepared requests, in order, batched with whatever else is waiting."""
+        return self._batcher(requests)
+
+    def _answer_batch(self, requests: Sequence[PreparedQuery]) -> list[Attribution]:
+        if self.refusal is not None:  # the index may have been swapped since the requests were prepared
+            raise VersionMismatch(self.refusal)
+        features_started = time.perf_counter()
+        text_job = self._text_pool.submit(_timed, self.text_encoder.encode, [r.prompt for r in requests])
+        image_features, image_ms = _timed(self.image_encoder.encode, [r.picture for r in requests])
+        text_features, text_ms = text_job.result()
+        features_ms = (time.perf_counter() - features_started) * 1000
+        query, embed_ms = _timed(self.embedder.embed_queries, np.concatenate([image_features, text_features], axis=1))
+        # The nearest max(top_k) hold each request's nearest top_k, in the same order.
+        (ids, scores), search_ms = _timed(search, self.index, query, max(r.top_k for r in requests))
+        answers = []
+        for request, row_ids, row_scores in zip(requests, ids, scores, strict=True):
+            row_ids, row_scores = row_ids[: request.top_k], row_scores[: request.top_k]
+            found = row_ids >= 0  # an IVF index may find fewer than top_k
+            timings = {
+                "wait": (features_started - request.started) * 1000,
+                "image_features": image_ms,
+                "text_features": text_ms,
+                "features": features_ms,
+                "embed": embed_ms,
+                "search": search_ms,
+                "total": (time.perf_counter() - request.started) * 1000,
+            }
+            answers.append(
+                Attribution(
+                    self.matches(row_ids[found], row_scores[found]),
+                    self.versions,
+                    request.image_sha256,
+                    request.prompt,
+                    request.top_k,
+                    timings,
+                    str(uuid.uuid4()),
+                    len(requests),
+                )
             )
-        (ids, scores), search_ms = _timed(search, self.index, query, top_k)
-        found = ids[0] >= 0  # an IVF index may find fewer than top_k
-        results = self.matches(ids[0][found], scores[0][found])
-        timings = {
-            "image_features": image_ms,
-            "text_features": text_ms,
-            "features": features_ms,
-            "embed": embed_ms,
-            "search": search_ms,
-            "total": (time.perf_counter() - started) * 1000,
-        }
-        answer = Attribution(results, self.versions, hashlib.sha256(data).hexdigest(), prompt, top_k, timings)
         if self.audit is not None:
-            self.audit.append(answer)
-        return answer
+            self.audit.record(answers)
+        return answers
 
     def _rows(self, train_ids: np.ndarray) -> pl.DataFrame:
         positions = np.searchsorted(self._ids, train_ids).clip(max=len(self._ids) - 1)
@@ -320,11 +372,14 @@ def open_engine(
     device: str = "cpu",
     shards: Path | None = None,
     interface: str | None = None,
+    audit: AuditLog | None = None,
 ) -> AttributionEngine:
-    """The engine over a home's materialized assets, with the encoders of `profile` on `device`.
+    """The engine over a home's materialized assets, with the encoders and micro-batching of `profile` on
+    `device`.
 
     `shards` overrides the home's shard folder (where `gda ingest --shards` read them). With an `interface`
-    ('cli' or 'http') every answer is logged to the home's attribution_log. The engine lists the home's
+    ('cli' or 'http') every answer is logged to the home's attribution_log, or to `audit` when one is given
+    (a benchmark's scratch log). The engine lists the home's
     generated test queries (none before they are materialized). FileNotFoundError names the asset to
     materialize when one is missing.
     """
@@ -337,7 +392,10 @@ def open_engine(
     ):
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist: materialize {asset} first")
-    spec = EncoderSpec(**profile_values(profile)["encoders"], device=device)
+    values = profile_values(profile)
+    # The two encoders run side by side on every batch: each gets half the profile's threads.
+    threads = max(1, (values["compute"].get("threads") or os.cpu_count() or 2) // 2)
+    spec = EncoderSpec(**values["encoders"], device=device, threads=threads)
     try:
         model_version = read_card(home.artifacts / "diffusion_model").version
     except FileNotFoundError:
@@ -350,6 +408,7 @@ def open_engine(
         metadata=read_metadata(home.duckdb_path),
         shards=shards if shards is not None else home.shards,
         model_version=model_version,
-        audit=AuditLog.for_home(home, interface) if interface is not None else None,
+        audit=audit if audit is not None or interface is None else AuditLog.for_home(home, interface),
         test_queries=read_test_queries(home),
+        batching=BatchSettings(**values.get("serving", {})),
     )

@@ -13,13 +13,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
+import polars as pl
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from servicekit import QUERIES, ServedHome
 
 from gda import cli
-from gda.api import create_app
+from gda.api import MAX_BATCH_ITEMS, create_app
 from gda.service import AttributionEngine, GeneratedQuery, open_engine
 
 
@@ -45,7 +46,11 @@ def audit_rows(served_home: ServedHome, sql: str, params: list) -> list[dict]:
 
 
 def test_cli_and_http_give_the_same_answer_and_both_are_logged(
-    served_home: ServedHome, client: TestClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    served_home: ServedHome,
+    engine: AttributionEngine,
+    client: TestClient,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     train_id = served_home.ids[4]
     image_path = tmp_path / "query.png"
@@ -88,9 +93,11 @@ def test_cli_and_http_give_the_same_answer_and_both_are_logged(
     assert from_cli["image_sha256"] == from_http["image_sha256"]
     assert [r["rank"] for r in from_http["results"]] == [1, 2, 3, 4, 5, 6]
 
+    engine.audit.move()  # what the server's mover thread does within a second
     rows = audit_rows(served_home, "SELECT * FROM attribution_log WHERE prompt = ? ORDER BY logged_at", [prompt])
     assert [r["interface"] for r in rows] == ["cli", "http"]
     for row, answer in zip(rows, (from_cli, from_http)):
+        assert row["log_id"] == answer["log_id"]
         assert row["train_ids"] == [r["train_id"] for r in answer["results"]]
         assert row["scores"] == pytest.approx([r["score"] for r in answer["results"]])
         assert (row["model_version"], row["embedder_version"], row["index_version"]) == tuple(
@@ -243,6 +250,79 @@ def test_bad_requests_get_4xx_with_a_clear_detail(
         stale_client = TestClient(create_app(refusing))
         refused(post(stale_client, image, "a red square"), 409, "re-materialize attribution_index")
         assert stale_client.get("/health").json()["status"] == "refusing"
+
+
+def test_batch_answers_each_item_or_gives_it_its_own_error(
+    served_home: ServedHome, engine: AttributionEngine, client: TestClient
+) -> None:
+    good = [served_home.ids[1], served_home.ids[7]]
+    images = [served_home.images[good[0]], b"not an image", served_home.images[good[1]], served_home.images[good[0]]]
+    prompts = [served_home.captions[good[0]], "a square", served_home.captions[good[1]], " "]
+    response = client.post(
+        "/attribute/batch",
+        files=[("images", (f"{i}.png", image, "image/png")) for i, image in enumerate(images)],
+        data={"prompts": prompts, "top_k": "3"},
+    )
+    assert response.status_code == 200, response.text
+    items = response.json()["items"]
+    assert [item["index"] for item in items] == [0, 1, 2, 3]
+    assert [item["error"]["status"] if item["error"] else None for item in items] == [None, 415, None, 422]
+    assert "not a decodable image" in items[1]["error"]["detail"] and items[1]["answer"] is None
+    for item, train_id in ((items[0], good[0]), (items[2], good[1])):
+        alone = post(client, served_home.images[train_id], served_home.captions[train_id], 3).json()
+        assert [r["train_id"] for r in item["answer"]["results"]] == [r["train_id"] for r in alone["results"]]
+        assert item["answer"]["batch_size"] == 2
+    engine.audit.move()
+    log_ids = [items[0]["answer"]["log_id"], items[2]["answer"]["log_id"]]
+    stored = audit_rows(served_home, "SELECT log_id FROM attribution_log WHERE log_id IN (?, ?)", log_ids)
+    assert sorted(row["log_id"] for row in stored) == sorted(log_ids)
+
+    mismatched = client.post(
+        "/attribute/batch", files=[("images", ("a.png", images[0], "image/png"))], data={"prompts": ["a", "b"]}
+    )
+    assert mismatched.status_code == 422 and "one prompt per image" in mismatched.json()["detail"]
+    too_many = client.post(
+        "/attribute/batch",
+        files=[("images", (f"{i}.png", images[0], "image/png")) for i in range(MAX_BATCH_ITEMS + 1)],
+        data={"prompts": ["a"] * (MAX_BATCH_ITEMS + 1)},
+    )
+    assert too_many.status_code == 413 and f"at most {MAX_BATCH_ITEMS}" in too_many.json()["detail"]
+
+
+def test_attribute_backfills_a_folder_into_parquet_with_a_row_per_item(
+    served_home: ServedHome, engine: AttributionEngine, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "generated"
+    (folder / "sub").mkdir(parents=True)
+    ids = served_home.ids[:3]
+    (folder / "a.png").write_bytes(served_home.images[ids[0]])
+    (folder / "sub" / "b.png").write_bytes(served_home.images[ids[1]])
+    (folder / "broken.png").write_bytes(b"truncated")
+    names = ["a.png", "missing.png", "sub/b.png", "broken.png", "../outside.png"]
+    prompts = [served_home.captions[ids[0]], "x", served_home.captions[ids[1]], "y", "z"]
+    (tmp_path / "outside.png").write_bytes(served_home.images[ids[2]])
+    pl.DataFrame({"image": names, "prompt": prompts}).write_csv(tmp_path / "prompts.csv")
+    out = tmp_path / "answers.parquet"
+    argv = ["attribute", "--home", str(served_home.home.root), "--profile", "tiny", "--images", str(folder)]
+    argv += ["--prompts", str(tmp_path / "prompts.csv"), "--out", str(out), "--top-k", "4"]
+    assert cli.main(argv) == 0
+    assert "2 of 5 images attributed, 3 error rows" in capsys.readouterr().out
+
+    rows = pl.read_parquet(out).to_dicts()
+    assert [(r["image"], r["prompt"]) for r in rows] == list(zip(names, prompts, strict=True))
+    assert [r["error"] is None for r in rows] == [True, False, True, False, False]
+    assert "no such file" in rows[1]["error"] and "not a decodable image" in rows[3]["error"]
+    assert "outside" in rows[4]["error"] and rows[4]["train_ids"] is None
+    for row, train_id in ((rows[0], ids[0]), (rows[2], ids[1])):
+        alone = engine.attribute(served_home.images[train_id], served_home.captions[train_id], 4)
+        assert row["train_ids"] == [m.train_id for m in alone.results]
+        assert row["captions"] == [m.caption for m in alone.results]
+    stored = audit_rows(
+        served_home,
+        "SELECT prompt FROM attribution_log WHERE log_id IN (?, ?) AND interface = 'cli'",
+        [rows[0]["log_id"], rows[2]["log_id"]],
+    )
+    assert sorted(r["prompt"] for r in stored) == sorted([prompts[0], prompts[2]])
 
 
 def test_the_app_logs_as_http_only(engine: AttributionEngine, served_home: ServedHome) -> None:

@@ -1,15 +1,20 @@
 """The query engine (ranked answers with their metadata, validation, refusal, training images, opening from a
-home) and the audit log (one row per answer, spooled while another process holds the database)."""
+home, micro-batches) and the audit log (one row per answer, written ahead and fsynced, moved to DuckDB in
+batches, kept in the file while another process holds the database)."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
+import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -78,7 +83,8 @@ def test_answers_are_ranked_by_score_and_carry_their_metadata(
     )
     assert answer.image_sha256 == hashlib.sha256(image).hexdigest()
     assert answer.prompt == "a yellow square" and answer.top_k == 5
-    assert set(answer.timings_ms) == {"image_features", "text_features", "features", "embed", "search", "total"}
+    assert set(answer.timings_ms) == {"wait", "image_features", "text_features", "features", "embed", "search", "total"}
+    assert answer.batch_size == 1
     payload = json.loads(json.dumps(answer.payload()))
     assert payload["results"][0] == {
         "rank": 1,
@@ -218,12 +224,19 @@ def answer(prompt: str = "a red square") -> Attribution:
         Match(1, 42, 0.9, "a red square", "https://example.test/42.png", "CC0-1.0"),
         Match(2, 7, 0.5, "a dog", None, None),
     ]
-    return Attribution(matches, Versions("model1", "emb1", "index1"), "ab" * 32, prompt, 2, {"total": 12.5})
+    return Attribution(
+        matches, Versions("model1", "emb1", "index1"), "ab" * 32, prompt, 2, {"total": 12.5}, str(uuid.uuid4()), 1
+    )
 
 
 def logged(database: Path) -> list[dict]:
     with duckdb.connect(str(database), read_only=True) as con:
         return con.execute("SELECT * FROM attribution_log ORDER BY logged_at").pl().to_dicts()
+
+
+def written(log: AuditLog) -> list[str]:
+    """The prompts of the rows in the write-ahead file, in order."""
+    return [json.loads(line)["prompt"] for line in log.spool.read_text().splitlines()]
 
 
 @contextmanager
@@ -241,12 +254,17 @@ def held_by_another_process(database: Path) -> Iterator[None]:
         holder.wait(timeout=30)
 
 
-def test_each_answer_is_one_row(tmp_path: Path) -> None:
+def test_each_answer_is_one_row_written_ahead_then_moved(tmp_path: Path) -> None:
     log = AuditLog(tmp_path / "gda.duckdb", tmp_path / "spool.jsonl", "cli")
-    assert log.append(answer("first")) == "logged"
-    assert log.append(answer("second")) == "logged"
+    first, second = answer("first"), answer("second")
+    log.record([first])
+    log.record([second])
+    assert written(log) == ["first", "second"]
+    assert not log.database.exists()  # nothing touched DuckDB on the answer path
+    assert log.move() == 2
     rows = logged(log.database)
     assert [r["prompt"] for r in rows] == ["first", "second"]
+    assert [r["log_id"] for r in rows] == [first.log_id, second.log_id]
     assert rows[0] | {"log_id": None, "logged_at": None} == {
         "log_id": None,
         "logged_at": None,
@@ -261,31 +279,80 @@ def test_each_answer_is_one_row(tmp_path: Path) -> None:
         "scores": [0.9, 0.5],
         "latency_ms": 12.5,
     }
-    assert len({r["log_id"] for r in rows}) == 2
+    assert log.spool.read_text() == "" and log.move() == 0
     with pytest.raises(ValueError, match="interface must be one of"):
         AuditLog(tmp_path / "gda.duckdb", tmp_path / "spool.jsonl", "python")
 
 
-def test_a_locked_database_spools_the_row_and_the_next_append_stores_it_once(tmp_path: Path) -> None:
+def test_a_locked_database_keeps_the_rows_written_ahead_and_a_later_move_stores_them_once(tmp_path: Path) -> None:
     log = AuditLog(tmp_path / "gda.duckdb", tmp_path / "spool.jsonl", "http", lock_wait_s=0.2)
-    assert log.append(answer("before")) == "logged"
+    log.record([answer("before")])
+    assert log.move() == 1
     with held_by_another_process(log.database):
-        assert log.append(answer("while locked")) == "spooled"
-        assert log.append(answer("still locked")) == "spooled"
-    assert [json.loads(line)["prompt"] for line in log.spool.read_text().splitlines()] == [
-        "while locked",
-        "still locked",
-    ]
-    assert log.append(answer("after")) == "logged"
+        log.record([answer("while locked"), answer("still locked")])
+        assert log.move() == 0
+    assert written(log) == ["while locked", "still locked"] and log.pending() == 2
+    log.record([answer("after")])
+    assert log.move() == 3
     assert [r["prompt"] for r in logged(log.database)] == ["before", "while locked", "still locked", "after"]
     assert log.spool.read_text() == ""
 
-    # A crash between the insert and the spool's truncation leaves stored rows in the spool: not stored twice.
+    # A crash between the insert and the file's truncation leaves stored rows in it: not stored twice.
     stored = logged(log.database)[1]
     log.spool.write_text(
         json.dumps({**stored, "logged_at": stored["logged_at"].isoformat(timespec="microseconds")}) + "\n"
     )
-    assert log.append(answer("later")) == "logged"
+    log.record([answer("later")])
+    assert log.move() == 2
     rows = logged(log.database)
     assert [r["prompt"] for r in rows] == ["before", "while locked", "still locked", "after", "later"]
     assert len({r["log_id"] for r in rows}) == 5
+
+
+def test_concurrent_records_share_fsyncs_and_every_row_is_a_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = AuditLog(tmp_path / "gda.duckdb", tmp_path / "spool.jsonl", "http")
+    real_fsync, syncs = os.fsync, []
+
+    def slow_fsync(handle: int) -> None:
+        syncs.append(handle)
+        time.sleep(0.02)  # a disk's flush: records arriving meanwhile wait for the next one, together
+        real_fsync(handle)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(lambda i: log.record([answer(f"answer {i}")]), range(40)))
+    assert sorted(written(log)) == sorted(f"answer {i}" for i in range(40))
+    assert 1 <= len(syncs) < 40
+    assert log.move() == 40
+    log.close()
+
+
+def test_a_torn_last_line_is_skipped_and_the_next_row_kept(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "gda.duckdb", tmp_path / "spool.jsonl", "cli")
+    log.spool.write_text('{"log_id": "torn by a power lo')
+    log.record([answer("next")])
+    with pytest.warns(UserWarning, match="skipping an audit row that is not JSON"):
+        assert log.move() == 1
+    assert [r["prompt"] for r in logged(log.database)] == ["next"]
+
+
+def test_concurrent_queries_are_answered_in_micro_batches_each_with_its_own_answer(
+    engine: AttributionEngine, served_home: ServedHome
+) -> None:
+    queries = [(served_home.images[train_id], served_home.captions[train_id]) for train_id in served_home.ids]
+    alone = [engine.attribute(image, prompt, 4) for image, prompt in queries]
+    assert {a.batch_size for a in alone} == {1}
+    with ThreadPoolExecutor(max_workers=len(queries)) as pool:
+        together = list(pool.map(lambda query: engine.attribute(*query, 4), queries))
+        # Many at once: the prepared queries go to the engine in one call, as /attribute/batch sends them.
+        batch = engine.answer([engine.prepare(image, prompt, 4) for image, prompt in queries])
+    assert max(a.batch_size for a in together) > 1
+    assert {a.batch_size for a in batch} == {len(queries)}
+    for one, concurrent, batched in zip(alone, together, batch, strict=True):
+        for other in (concurrent, batched):
+            assert [m.train_id for m in other.results] == [m.train_id for m in one.results]
+            assert [m.score for m in other.results] == pytest.approx([m.score for m in one.results], abs=1e-5)
+            assert other.image_sha256 == one.image_sha256 and other.prompt == one.prompt
+    assert len({a.log_id for a in alone + together + batch}) == 3 * len(queries)
