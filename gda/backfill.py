@@ -83,7 +83,7 @@ def attribute_folder(
                     try:
                         prepared.append((i, engine.prepare(path.read_bytes(), item["prompt"] or "", top_k)))
                     except Refused:
-                        raise
+                        raise  # the engine answers nothing at all: one loud error, not a file of error rows
                     except (OSError, ValueError) as failure:
                         error = str(failure)
                 results[i]["error"] = error
@@ -105,6 +105,8 @@ def backfill(engine: AttributionEngine, images: Path, prompts_file: Path, out: P
     """Attribute every item of `prompts_file` and write the rows to `out` (Parquet)."""
     if not images.is_dir():
         raise FileNotFoundError(f"{images} is not a folder of images")
+    if not 1 <= top_k <= engine.max_top_k:
+        raise ValueError(f"top_k must be an integer from 1 to {engine.max_top_k}, got {top_k}")
     frame = attribute_folder(engine, images, read_prompts(prompts_file), top_k)
     write_parquet_atomically(frame, out)
     errors = frame["error"].is_not_null().sum()
