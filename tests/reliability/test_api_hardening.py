@@ -272,6 +272,7 @@ def test_no_request_from_the_spec_gets_a_5xx_without_a_token(open_client: TestCl
     seen = fuzz(open_client.app, {})
     assert set(seen) == {
         "POST /attribute",
+        "POST /attribute/batch",
         "GET /training-images/{train_id}",
         "GET /training-images/{train_id}/image",
         "GET /queries",
@@ -292,14 +293,18 @@ def test_no_request_from_the_spec_gets_a_5xx_with_a_token(locked_client: TestCli
     assert set(unauthorized.pop("GET /health")) == {200}
     # FastAPI parses a body before it checks the token, so a malformed multipart body is a 400 first.
     assert set(unauthorized.pop("POST /attribute")) <= {400, 401}
+    assert set(unauthorized.pop("POST /attribute/batch")) <= {400, 401}
     assert all(set(statuses) == {401} for statuses in unauthorized.values()), unauthorized
 
 
-def test_the_load_benchmark_answers_every_request(served_home: ServedHome) -> None:
+def test_the_load_benchmark_answers_every_request_and_finds_each_answer_logged_once(served_home: ServedHome) -> None:
     setting = Setting(served_home.home, "tiny", profile_values("tiny"), threads=1)
-    result = load_bench.run(setting, clients=2, seconds=3.0)
-    assert result["errors"] == 0 and result["failures"] == {}
-    assert result["requests"] == result["answered"] > 0 and result["statuses"] == {"200": result["requests"]}
-    assert result["p50_ms"] <= result["p95_ms"] <= result["p99_ms"]
-    assert result["throughput_per_s"] == pytest.approx(result["answered"] / result["elapsed_s"])
-    assert result["elapsed_s"] >= 3.0 and (result["clients"], result["seconds"]) == (2, 3.0)
+    result = load_bench.run(setting, rounds=(2, 6), seconds=3.0)
+    assert [one["clients"] for one in result["rounds"]] == [2, 6]
+    for one in result["rounds"]:
+        assert one["errors"] == 0 and one["failures"] == {}
+        assert one["requests"] == one["answered"] > 0 and one["statuses"] == {"200": one["requests"]}
+        assert one["answers_logged_once"] == one["answered"] and one["answers_not_logged_once"] == 0
+        assert one["p50_ms"] <= one["p95_ms"] <= one["p99_ms"]
+        assert one["throughput_per_s"] == pytest.approx(one["answered"] / one["elapsed_s"])
+        assert one["elapsed_s"] >= 3.0 and 1 <= one["mean_batch_size"] <= one["clients"]
