@@ -257,8 +257,6 @@ class AttributionEngine:
         return self._batcher(requests)
 
     def _answer_batch(self, requests: Sequence[PreparedQuery]) -> list[Attribution]:
-        if self.refusal is not None:  # the index may have been swapped since the requests were prepared
-            raise VersionMismatch(self.refusal)
         features_started = time.perf_counter()
         text_job = self._text_pool.submit(_timed, self.text_encoder.encode, [r.prompt for r in requests])
         image_features, image_ms = _timed(self.image_encoder.encode, [r.picture for r in requests])

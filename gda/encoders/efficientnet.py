@@ -17,7 +17,7 @@ from PIL import Image
 from gda.encoders import EncoderSpec
 from gda.encoders.base import encode_batched, version_hash
 from gda.encoders.packaged import efficientnet_lite0_weights
-from gda.encoders.runtime import chosen_runtime, compile_network
+from gda.encoders.runtime import compile_network
 from gda.images import to_rgb
 
 # The Lite checkpoints are converted from the TF "lite" models, which were trained on inputs
@@ -58,8 +58,7 @@ class EfficientNetLite0Encoder:
         model.load_state_dict(state, strict=True)
         self.model = model.eval().requires_grad_(False).to(self.device)
         example = np.zeros((2, 3, self.image_size, self.image_size), dtype=np.float32)
-        runtime = chosen_runtime(spec.runtime, spec.device, spec.dtype)
-        self._network = compile_network(_Pooled(self.model), [example], ["pixels"], runtime, self.version, spec.threads)
+        self._network = compile_network(_Pooled(self.model), [example], ["pixels"], spec, self.version)
 
     @cached_property
     def version(self) -> str:

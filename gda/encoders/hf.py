@@ -33,7 +33,7 @@ from transformers import (
 
 from gda.encoders import EncoderSpec
 from gda.encoders.base import EncoderError, encode_batched, version_hash
-from gda.encoders.runtime import chosen_runtime, compile_network
+from gda.encoders.runtime import compile_network, compile_text_network, encode_tokens
 from gda.images import to_rgb
 from gda.paths import model_folder
 
@@ -121,9 +121,8 @@ class HFImageEncoder:
                 f"supported: {', '.join(IMAGE_MODEL_TYPES)}"
             )
         example = self.processor(images=[Image.new("RGB", (32, 32))] * 2, return_tensors="np")["pixel_values"]
-        runtime = chosen_runtime(spec.runtime, spec.device, spec.dtype)
         network = _ImageFeatures(self.model, self.model_type)
-        self._network = compile_network(network, [example], ["pixel_values"], runtime, self.version, spec.threads)
+        self._network = compile_network(network, [example], ["pixel_values"], spec, self.version)
 
     @cached_property
     def version(self) -> str:
@@ -171,16 +170,7 @@ class HFTextEncoder:
         self.model = _frozen(model, spec)
         self.dim = self.model.config.projection_dim
         self.max_length = self.model.config.max_position_embeddings
-        example = self.tokenizer(["a", "an example"], padding=True, return_tensors="np")
-        runtime = chosen_runtime(spec.runtime, spec.device, spec.dtype)
-        self._network = compile_network(
-            _TextFeatures(self.model),
-            [example["input_ids"].astype(np.int64), example["attention_mask"].astype(np.int64)],
-            ["input_ids", "attention_mask"],
-            runtime,
-            self.version,
-            spec.threads,
-        )
+        self._network = compile_text_network(_TextFeatures(self.model), spec, self.version)
 
     @cached_property
     def version(self) -> str:
@@ -191,10 +181,7 @@ class HFTextEncoder:
         return encode_batched(texts, self._forward, self.dim, self.batch_size, progress, self.name)
 
     def _forward(self, texts: Sequence[str]) -> np.ndarray:
-        batch = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="np"
-        )
-        return self._network(batch["input_ids"].astype(np.int64), batch["attention_mask"].astype(np.int64))
+        return encode_tokens(self._network, self.tokenizer, texts, self.max_length)
 
 
 class _TextFeatures(torch.nn.Module):

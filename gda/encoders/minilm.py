@@ -19,7 +19,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 from gda.encoders import EncoderSpec
 from gda.encoders.base import encode_batched, version_hash
 from gda.encoders.packaged import minilm_path
-from gda.encoders.runtime import chosen_runtime, compile_network
+from gda.encoders.runtime import compile_text_network, encode_tokens
 
 DIM = 384
 
@@ -56,16 +56,7 @@ class MiniLMEncoder:
         self.path = minilm_path()
         self.max_length = max_seq_length(self.path)
         self.tokenizer, self.model = load_minilm(self.path, spec.device)
-        example = np.ones((2, 8), dtype=np.int64)
-        runtime = chosen_runtime(spec.runtime, spec.device, spec.dtype)
-        self._network = compile_network(
-            _SentenceEmbedding(self.model),
-            [example, example],
-            ["input_ids", "attention_mask"],
-            runtime,
-            self.version,
-            spec.threads,
-        )
+        self._network = compile_text_network(_SentenceEmbedding(self.model), spec, self.version)
 
     @cached_property
     def version(self) -> str:
@@ -77,10 +68,7 @@ class MiniLMEncoder:
         return encode_batched(texts, self._forward, self.dim, self.batch_size, progress, self.name)
 
     def _forward(self, texts: Sequence[str]) -> np.ndarray:
-        batch = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="np"
-        )
-        return self._network(batch["input_ids"].astype(np.int64), batch["attention_mask"].astype(np.int64))
+        return encode_tokens(self._network, self.tokenizer, texts, self.max_length)
 
 
 class _SentenceEmbedding(torch.nn.Module):

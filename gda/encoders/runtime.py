@@ -22,11 +22,18 @@ import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from gda.encoders import EncoderSpec
+
 RUNTIMES = ("auto", "eager", "onnx")
+TOKEN_INPUTS = ("input_ids", "attention_mask")
 _OPSET = 17
 
 Network = Callable[..., np.ndarray]
@@ -51,22 +58,17 @@ def cache_dir() -> Path:
 
 
 def compile_network(
-    module: torch.nn.Module,
-    example: Sequence[np.ndarray],
-    input_names: Sequence[str],
-    runtime: str,
-    version: str,
-    threads: int | None = None,
+    module: torch.nn.Module, example: Sequence[np.ndarray], input_names: Sequence[str], spec: EncoderSpec, version: str
 ) -> Network:
     """`module` as a function from numpy input arrays (named `input_names`, each with a dynamic first axis and,
-    for integer token inputs, a dynamic second axis) to a float32 numpy array, run by `runtime`."""
+    for integer token inputs, a dynamic second axis) to a float32 numpy array, run by the runtime `spec` picks."""
     module = module.eval().requires_grad_(False)
-    if runtime == "eager":
+    if chosen_runtime(spec.runtime, spec.device, spec.dtype) == "eager":
         return _eager(module)
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.intra_op_num_threads = spec.threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
     # Spinning threads that wait for a core another process holds slowed this 2-core machine down before.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -78,6 +80,20 @@ def compile_network(
         return session.run(None, feed)[0].astype(np.float32, copy=False)
 
     return run
+
+
+def compile_text_network(module: torch.nn.Module, spec: EncoderSpec, version: str) -> Network:
+    """A network from token ids and their attention mask, as `encode_tokens` feeds it."""
+    example = np.ones((2, 8), dtype=np.int64)
+    return compile_network(module, [example, example], TOKEN_INPUTS, spec, version)
+
+
+def encode_tokens(
+    network: Network, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int
+) -> np.ndarray:
+    """`network` on `texts`, tokenised and padded to the longest of them (at most `max_length` tokens)."""
+    batch = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="np")
+    return network(*(batch[name].astype(np.int64) for name in TOKEN_INPUTS))
 
 
 def _eager(module: torch.nn.Module) -> Network:
