@@ -3,7 +3,9 @@ materialized home."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,11 +76,24 @@ def served_home(
 
 # The tiny demo, materialized once per session (minutes): tests/e2e asserts on its rows and files, and
 # tests/browser looks at it in the Dagster UI. Tests that rewrite it must leave the asserted data as it was.
+# Under pytest-xdist the first worker to need it builds it in the session's shared folder while the others
+# wait on a lock, and each worker gets its own copy: DuckDB lets one process write a database file, and a
+# worker rewriting its home must not race another's assertions.
 @pytest.fixture(scope="session")
-def demo_home(tmp_path_factory: pytest.TempPathFactory) -> Home:
+def demo_home(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Home:
     from gda.cli import main
     from gda.home import Home
 
-    home = Home(tmp_path_factory.mktemp("home"))
-    assert main(["demo", "--home", str(home.root), "--profile", "tiny"]) == 0
+    own = worker_id == "master"
+    shared = tmp_path_factory.getbasetemp() if own else tmp_path_factory.getbasetemp().parent
+    built = Home(shared / "demo-home")
+    with open(shared / "demo-home.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (shared / "demo-home.done").exists():
+            assert main(["demo", "--home", str(built.root), "--profile", "tiny"]) == 0
+            (shared / "demo-home.done").touch()
+    if own:
+        return built
+    home = Home(tmp_path_factory.mktemp("home") / "home")
+    shutil.copytree(built.root, home.root, symlinks=True)
     return home
