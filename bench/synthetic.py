@@ -41,3 +41,18 @@ def draw(shape: Spectrum, rows: int, seed: int | tuple[int, ...]) -> np.ndarray:
         stop = min(rows, start + CHUNK)
         out[start:stop] = shape.mean + rng.standard_normal((stop - start, shape.dim), dtype=np.float32) @ shape.scale.T
     return index.normalise(out)
+
+
+def widened(shape: Spectrum, dim: int, seed: int = 0) -> Spectrum:
+    """A ``dim``-wide spectrum for a width no home has (the ``sd`` student's 768): the eigenvalues' decay over
+    their relative rank interpolated in log scale, the total variance and the mean's length kept, in random
+    orthonormal directions."""
+    values = np.sort(np.sum(shape.scale.astype(np.float64) ** 2, axis=0))[::-1]  # scale's column norms²
+    log_values = np.log(np.clip(values, values.max() * 1e-12, None))
+    wide = np.exp(np.interp(np.linspace(0, 1, dim), np.linspace(0, 1, len(values)), log_values))
+    wide *= values.sum() / wide.sum()
+    rng = np.random.default_rng(seed)
+    basis, _ = np.linalg.qr(rng.standard_normal((dim, dim)))
+    direction = rng.standard_normal(dim)
+    mean = direction / np.linalg.norm(direction) * np.linalg.norm(shape.mean)
+    return Spectrum(mean.astype(np.float32), (basis * np.sqrt(wide)).astype(np.float32))

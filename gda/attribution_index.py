@@ -3,7 +3,9 @@ manifest that says what it holds, so that it can be extended shard by shard and 
 
 Stored as one safetensors file: the `faiss.serialize_index` bytes as a uint8 tensor and the manifest as JSON
 in the file's metadata (safetensors cannot execute code on load), written to a temp name and renamed so a
-reader sees the old index or the new one, never half.
+reader sees the old index or the new one, never half. An IVF-PQ index with a refine stage is too large to
+read into RAM: its parts are files beside it, named by its version and written before the manifest that
+names them (gda.index_files), and the service maps them.
 
 A new shard is *added* to the existing index; anything that invalidates vectors already in it (another
 embedder version, a shard whose content changed or that was removed) rebuilds it, and so does crossing
@@ -26,12 +28,14 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from gda import index as faiss_search
+from gda import index_files
 from gda.arrays import IdArray
 from gda.index import SearchSettings
 
 INDEX_FILE = "index.safetensors"
 _TENSOR = "faiss_index"
 _MANIFEST = "manifest"
+_PARTS = "parts"
 
 
 @dataclass(frozen=True)
@@ -87,8 +91,11 @@ def _check_shards(shards: Mapping[str, IdArray]) -> int:
     return dims[first]
 
 
-def _version(serialised: np.ndarray, fields: Mapping[str, object]) -> str:
-    digest = hashlib.sha256(serialised.tobytes())
+def _version(index: faiss.Index, fields: Mapping[str, object]) -> str:
+    """A hash of the serialised index and ``fields``. The bytes stream through the hash in chunks, never
+    all at once: at 10^7 refined vectors they are gigabytes."""
+    digest = hashlib.sha256()
+    faiss.write_index(index, faiss.PyCallbackIOWriter(lambda chunk: digest.update(chunk) or len(chunk)))
     digest.update(json.dumps(fields, sort_keys=True).encode())
     return digest.hexdigest()[:12]
 
@@ -104,7 +111,7 @@ def _versioned(
 ) -> AttributionIndex:
     entries = {name: ShardEntry(counts[name], hashes[name]) for name in sorted(hashes)}
     manifest = Manifest(embedder_version, dim, faiss_search.kind_of(index), int(index.ntotal), entries, version="")
-    version = _version(faiss.serialize_index(index), _manifest_fields(manifest))
+    version = _version(index, _manifest_fields(manifest))
     return AttributionIndex(index, replace(manifest, version=version))
 
 
@@ -184,29 +191,47 @@ def search(index: AttributionIndex, query_embeddings: np.ndarray, k: int) -> tup
 
 
 def save_index(path: Path, index: AttributionIndex) -> None:
-    """Write the index and its manifest to `path` via a temp file and rename."""
+    """Write the index and its manifest to `path` via a temp file and rename (its parts first, if it has
+    them), then delete the parts of the index it replaced."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    manifest = json.dumps(asdict(index.manifest), sort_keys=True)
+    metadata = {_MANIFEST: json.dumps(asdict(index.manifest), sort_keys=True)}
+    stem = None
+    if index_files.has_parts(index.faiss_index):
+        stem = f"index-{index.manifest.version}"
+        sizes = index_files.write_parts(index.faiss_index, path.parent, stem)
+        refine = faiss_search.refine_stage(index.faiss_index)
+        metadata[_PARTS] = json.dumps({"stem": stem, "sizes": sizes, "refine_factor": int(refine.k_factor)})
+        serialised = np.zeros(0, dtype=np.uint8)
+    else:
+        serialised = faiss.serialize_index(index.faiss_index)
     try:
-        save_file({_TENSOR: faiss.serialize_index(index.faiss_index)}, str(tmp), metadata={_MANIFEST: manifest})
+        save_file({_TENSOR: serialised}, str(tmp), metadata=metadata)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    index_files.remove_other_parts(path.parent, keep=stem)
 
 
-def load_index(path: Path) -> AttributionIndex:
-    """The index saved at `path`; ValueError (one line) if the file is not one or does not match its manifest."""
+def load_index(path: Path, mapped: bool = True) -> AttributionIndex:
+    """The index saved at `path`; ValueError (one line) if the file is not one or does not match its manifest.
+    An index saved in parts is searched from its mapped files, or read wholly into RAM with `mapped=False`
+    (to add to it); its parts are checked by size, the rest by its version hash."""
     try:
         with safe_open(str(path), framework="numpy") as handle:
-            saved = json.loads((handle.metadata() or {})[_MANIFEST])
+            metadata = handle.metadata() or {}
+            saved = json.loads(metadata[_MANIFEST])
             serialised = handle.get_tensor(_TENSOR)
         manifest = Manifest(
             **{**saved, "shards": {name: ShardEntry(**entry) for name, entry in saved["shards"].items()}}
         )
-        if _version(serialised, _manifest_fields(manifest)) != manifest.version:
-            raise ValueError(f"content does not hash to its manifest version {manifest.version}")
-        index = faiss.deserialize_index(serialised)
+        if _PARTS in metadata:
+            parts = json.loads(metadata[_PARTS])
+            index = index_files.read_parts(path.parent, parts["stem"], parts["sizes"], parts["refine_factor"], mapped)
+        else:
+            index = faiss.deserialize_index(serialised)
+            if _version(index, _manifest_fields(manifest)) != manifest.version:
+                raise ValueError(f"content does not hash to its manifest version {manifest.version}")
     except FileNotFoundError:
         raise
     except (OSError, KeyError, TypeError, ValueError, RuntimeError) as error:
@@ -233,7 +258,7 @@ def refresh_index(
             f"training_embeddings of shards {', '.join(stale)} come from another embedder version; "
             "re-materialize them before the index"
         )
-    current = load_index(path) if path.exists() else None
+    current = load_index(path, mapped=False) if path.exists() else None
     updated, action = update_index(current, embedder_version, shards, settings)
     save_index(path, updated)
     embedded = sum(len(shard.ids) for shard in shards.values())

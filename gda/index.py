@@ -3,9 +3,12 @@
 - ``flat``: exact, up to ``ivf_above`` rows;
 - ``ivf``: inverted lists of raw vectors (4 bytes a dimension), up to ``pq_above`` rows;
 - ``ivfpq``: inverted lists of product-quantised codes (``pq_bytes`` a vector), for 10^8 rows and more, where
-  raw vectors no longer fit in RAM; its lists can also live in a file the OS pages in (``lists_on_disk``).
-  An OPQ rotation comes first: embeddings put most of their variance in a few directions, and PQ codes
-  of unrotated vectors lose it (recall@10 0.62 without, 0.80 with, on 300k vectors of the demo's spectrum).
+  raw vectors no longer fit in RAM. An OPQ rotation comes first: embeddings put most of their variance in a
+  few directions, and PQ codes of unrotated vectors lose it (recall@10 0.62 without, 0.80 with, on 300k
+  vectors of the demo's spectrum). The codes alone still cap recall@10 near 0.64 at 10^7 vectors, so the
+  ``refine`` stage (FAISS's ``IndexRefine``) re-ranks a shortlist of ``k x refine_factor`` PQ hits with
+  8-bit scalar-quantised (or float16) copies of the vectors. Saved, the lists and those copies are files the
+  OS pages in (``gda.index_files``), so RAM holds little more than the ids.
 
 An index is made empty and trained on a sample (``empty``), then filled in chunks (``add``), so no caller
 ever needs all the vectors in memory at once; ``build`` does both for data that does fit.
@@ -14,14 +17,16 @@ Used for the DINO kNN candidates and for the attribution index.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import faiss
 import numpy as np
 
 Kind = Literal["flat", "ivf", "ivfpq"]
+Refine = Literal["none", "sq8", "fp16"]
+_REFINE_FACTORY = {"sq8": "SQ8", "fp16": "SQfp16"}
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,10 @@ class SearchSettings:
     pq_bytes: int = 64  # PQ code size: pq_bytes sub-quantisers of 8 bits each; must divide the width
     # Rows the coarse quantiser and PQ are trained on: faiss's k-means uses at most 256 per list anyway.
     train_rows: int = 262_144
+    # IVF-PQ only: the stored copies that re-rank its shortlist (none, 1 or 2 bytes a dimension), and the
+    # shortlist's size as a multiple of k (values measured by `gda bench index-scale`).
+    refine: Refine = "sq8"
+    refine_factor: int = 32
 
 
 def normalise(vectors: np.ndarray) -> np.ndarray:
@@ -50,13 +59,29 @@ def kind_for(rows: int, settings: SearchSettings) -> Kind:
     return "ivf" if rows > settings.ivf_above else "flat"
 
 
-def kind_of(index: faiss.Index) -> Kind:
+def layers(index: faiss.Index) -> Iterator[faiss.Index]:
+    """``index`` and the indexes it wraps (id map, refine stage, OPQ rotation), outermost first, downcast."""
     inner = faiss.downcast_index(index)
-    if isinstance(inner, (faiss.IndexIDMap, faiss.IndexIDMap2, faiss.IndexPreTransform)):
-        inner = faiss.downcast_index(inner.index)
-    if isinstance(inner, faiss.IndexIVFPQ):
+    while True:
+        yield inner
+        if isinstance(inner, (faiss.IndexIDMap, faiss.IndexIDMap2, faiss.IndexPreTransform)):
+            inner = faiss.downcast_index(inner.index)
+        elif isinstance(inner, faiss.IndexRefine):
+            inner = faiss.downcast_index(inner.base_index)
+        else:
+            return
+
+
+def kind_of(index: faiss.Index) -> Kind:
+    innermost = list(layers(index))[-1]
+    if isinstance(innermost, faiss.IndexIVFPQ):
         return "ivfpq"
-    return "ivf" if isinstance(inner, faiss.IndexIVF) else "flat"
+    return "ivf" if isinstance(innermost, faiss.IndexIVF) else "flat"
+
+
+def refine_stage(index: faiss.Index) -> faiss.IndexRefine | None:
+    """The refine stage inside ``index``, if it has one."""
+    return next((layer for layer in layers(index) if isinstance(layer, faiss.IndexRefine)), None)
 
 
 def training_sample(vectors: np.ndarray, rows: int, seed: int = 0) -> np.ndarray:
@@ -80,13 +105,24 @@ def empty(dim: int, rows: int, sample: np.ndarray, settings: SearchSettings = Se
     data = normalise(sample)
     # faiss wants at least 39 training rows a list; fewer lists rather than a poorly trained quantiser.
     nlist = max(1, min(settings.nlist, len(data) // 39))
-    m = settings.pq_bytes
-    made = faiss.index_factory(
-        dim, f"IVF{nlist},Flat" if kind == "ivf" else f"OPQ{m},IVF{nlist},PQ{m}", faiss.METRIC_INNER_PRODUCT
-    )
+    made = faiss.index_factory(dim, _factory(kind, nlist, settings), faiss.METRIC_INNER_PRODUCT)
     made.train(data)
     faiss.extract_index_ivf(made).nprobe = settings.nprobe
-    return made  # IVF indexes store the ids in their lists: no id map needed
+    refine = refine_stage(made)
+    if refine is not None:
+        refine.k_factor = settings.refine_factor
+    return made
+
+
+def _factory(kind: Kind, nlist: int, settings: SearchSettings) -> str:
+    """FAISS's description of the index. IVF lists store the ids themselves; a refine stage addresses its
+    copies by position, so that index needs an id map outside it."""
+    if kind == "ivf":
+        return f"IVF{nlist},Flat"
+    m = settings.pq_bytes
+    if settings.refine == "none":
+        return f"OPQ{m},IVF{nlist},PQ{m}"
+    return f"IDMap,OPQ{m},IVF{nlist},PQ{m},Refine({_REFINE_FACTORY[settings.refine]})"
 
 
 def add(index: faiss.Index, ids: np.ndarray, vectors: np.ndarray) -> None:
@@ -98,20 +134,6 @@ def build(ids: np.ndarray, vectors: np.ndarray, settings: SearchSettings = Searc
     """An inner-product index of the normalised ``vectors``, searchable by training id."""
     index = empty(vectors.shape[1], len(vectors), training_sample(vectors, settings.train_rows), settings)
     add(index, ids, vectors)
-    return index
-
-
-def lists_on_disk(index: faiss.Index, path: Path) -> faiss.Index:
-    """``index`` (IVF) with its inverted lists moved into the file ``path``, which the OS pages in as
-    queries probe them, so RAM holds only the coarse quantiser. The index keeps the file's path: save it
-    next to the file and keep both."""
-    ivf = faiss.extract_index_ivf(index)
-    on_disk = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(path))
-    lists = faiss.InvertedListsPtrVector()
-    lists.push_back(ivf.invlists)
-    on_disk.merge_from_multiple(lists.data(), lists.size())
-    ivf.replace_invlists(on_disk, True)
-    on_disk.this.disown()  # the index owns the lists now
     return index
 
 

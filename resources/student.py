@@ -55,6 +55,10 @@ class IndexSettings(dg.ConfigurableResource):
     nprobe: int = Field(default=32, ge=1)
     pq_bytes: int = Field(default=64, ge=1)  # bytes per PQ code; must divide the embedding width
     train_rows: int = Field(default=262_144, ge=1)
+    # IVF-PQ only: 8-bit (sq8) or float16 copies of the vectors re-rank a shortlist of k x refine_factor
+    # PQ hits; the index is then saved in parts the service maps from disk (gda.index_files).
+    refine: Literal["none", "sq8", "fp16"] = "sq8"
+    refine_factor: int = Field(default=32, ge=1)
 
     def search_settings(self):  # -> gda.index.SearchSettings (faiss is imported only where the index is built)
         from gda.index import SearchSettings

@@ -143,11 +143,13 @@ def test_an_interrupted_save_leaves_the_old_index_readable(tmp_path: Path, monke
     assert [p.name for p in tmp_path.iterdir()] == ["index.safetensors"]
 
 
-def test_refresh_adds_to_the_saved_index_and_refuses_embeddings_of_another_embedder(tmp_path: Path) -> None:
-    def embedded(number: int, rows: int, version: str = "emb1") -> IdArray:
-        plain = shard(number, rows)
-        return IdArray(plain.ids, plain.values, metadata={"embedder_version": version})
+def embedded(number: int, rows: int, version: str = "emb1") -> IdArray:
+    """A shard as training_embeddings stores it: with the embedder version that made it."""
+    plain = shard(number, rows)
+    return IdArray(plain.ids, plain.values, metadata={"embedder_version": version})
 
+
+def test_refresh_adds_to_the_saved_index_and_refuses_embeddings_of_another_embedder(tmp_path: Path) -> None:
     path = tmp_path / "attribution_index" / "index.safetensors"
     first = refresh_index(path, "emb1", {"00000": embedded(0, 40)}, EXACT)
     assert (first.action, first.embedded, first.complete) == ("built", 40, True)
@@ -185,3 +187,75 @@ def test_errors_are_one_line(tmp_path: Path) -> None:
     tampered.write_bytes(data.replace(b'\\"emb1\\"', b'\\"emb2\\"'))
     with pytest.raises(ValueError, match="does not hash to its manifest version"):
         load_index(tampered)
+
+
+REFINED = SearchSettings(ivf_above=0, pq_above=0, nlist=4, nprobe=4, pq_bytes=4, refine="sq8", refine_factor=16)
+UNREFINED = SearchSettings(ivf_above=0, pq_above=0, nlist=4, nprobe=4, pq_bytes=4, refine="none")
+
+
+def recall_at_10(index: attribution_index.AttributionIndex, shards: dict[str, IdArray]) -> float:
+    """Overlap of the index's top 10 with a brute-force numpy top 10 of the same vectors."""
+    ids = np.concatenate([s.ids for s in shards.values()])
+    vectors = np.concatenate([s.values for s in shards.values()])
+    exact = ids[np.argsort(-(queries() @ vectors.T), axis=1)[:, :10]]
+    found, _ = search(index, queries(), 10)
+    return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found.tolist(), exact.tolist())]))
+
+
+def test_the_refine_stage_restores_the_recall_the_pq_codes_lose() -> None:
+    shards = {"00000": shard(0, 600), "00001": shard(1, 600)}
+    refined, _ = update_index(None, "emb1", shards, REFINED)
+    unrefined, _ = update_index(None, "emb1", shards, UNREFINED)
+    assert refined.manifest.kind == unrefined.manifest.kind == "ivfpq"
+    # 4-byte codes of 16-d vectors lose most of the order; 1-byte-a-dimension copies keep nearly all of it.
+    assert recall_at_10(unrefined, shards) < 0.7 < 0.95 <= recall_at_10(refined, shards)
+
+
+def test_a_refined_index_is_saved_in_parts_and_searched_from_mapped_files(tmp_path: Path) -> None:
+    path = tmp_path / "attribution_index" / "index.safetensors"
+    first = refresh_index(path, "emb1", {"00000": embedded(0, 600)}, REFINED).index
+    stem = f"index-{first.manifest.version}"
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted(
+        ["index.safetensors", f"{stem}.ids", f"{stem}.base", f"{stem}.refine"]
+    )
+    assert path.stat().st_size < 4096  # the manifest only: the vectors are in the parts
+    mapped = load_index(path)
+    assert mapped.manifest == first.manifest
+    assert_same_answers(mapped, first)
+
+    both = {"00000": embedded(0, 600), "00001": embedded(1, 600)}
+    second = refresh_index(path, "emb1", both, REFINED)
+    assert (second.action, second.complete) == ("added 1 shards", True)
+    new_stem = f"index-{second.index.manifest.version}"
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted(
+        ["index.safetensors", f"{new_stem}.ids", f"{new_stem}.base", f"{new_stem}.refine"]
+    )
+    reloaded = load_index(path)
+    assert_same_answers(reloaded, second.index)
+    assert recall_at_10(reloaded, both) >= 0.95
+
+    (path.parent / f"{new_stem}.refine").write_bytes(b"cut short")
+    with pytest.raises(ValueError, match=rf"not a valid attribution index .*{new_stem}.refine is 9 bytes, not \d+"):
+        load_index(path)
+
+
+def test_an_interrupted_save_of_a_refined_index_keeps_the_old_parts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "index.safetensors"
+    old = refresh_index(path, "emb1", {"00000": embedded(0, 600)}, REFINED).index
+    new, _ = update_index(
+        load_index(path, mapped=False), "emb1", {"00000": embedded(0, 600), "00001": embedded(1, 600)}, REFINED
+    )
+
+    def crash(tensors: dict, filename: str, metadata: dict) -> None:
+        raise OSError("disk full")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(attribution_index, "save_file", crash)
+        with pytest.raises(OSError, match="disk full"):
+            save_index(path, new)
+    assert_same_answers(load_index(path), old)  # the new parts landed, but no manifest names them
+    save_index(path, new)
+    assert len(list(tmp_path.glob("index-*"))) == 3  # the next save removes what the killed one left
+    assert_same_answers(load_index(path), new)
