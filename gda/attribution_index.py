@@ -91,11 +91,14 @@ def _check_shards(shards: Mapping[str, IdArray]) -> int:
     return dims[first]
 
 
-def _version(index: faiss.Index, fields: Mapping[str, object]) -> str:
-    """A hash of the serialised index and ``fields``. The bytes stream through the hash in chunks, never
-    all at once: at 10^7 refined vectors they are gigabytes."""
+def _version(index: faiss.Index | np.ndarray, fields: Mapping[str, object]) -> str:
+    """A hash of the serialised index (its bytes as read from the file, or the index streamed through the
+    hash in chunks, never whole: at 10^7 refined vectors they are gigabytes) and ``fields``."""
     digest = hashlib.sha256()
-    faiss.write_index(index, faiss.PyCallbackIOWriter(lambda chunk: digest.update(chunk) or len(chunk)))
+    if isinstance(index, np.ndarray):
+        digest.update(index.data)
+    else:
+        faiss.write_index(index, faiss.PyCallbackIOWriter(lambda chunk: digest.update(chunk) or len(chunk)))
     digest.update(json.dumps(fields, sort_keys=True).encode())
     return digest.hexdigest()[:12]
 
@@ -229,9 +232,9 @@ def load_index(path: Path, mapped: bool = True) -> AttributionIndex:
             parts = json.loads(metadata[_PARTS])
             index = index_files.read_parts(path.parent, parts["stem"], parts["sizes"], parts["refine_factor"], mapped)
         else:
-            index = faiss.deserialize_index(serialised)
-            if _version(index, _manifest_fields(manifest)) != manifest.version:
+            if _version(serialised, _manifest_fields(manifest)) != manifest.version:
                 raise ValueError(f"content does not hash to its manifest version {manifest.version}")
+            index = faiss.deserialize_index(serialised)
     except FileNotFoundError:
         raise
     except (OSError, KeyError, TypeError, ValueError, RuntimeError) as error:
