@@ -18,6 +18,8 @@ class Encoders(dg.ConfigurableResource):
     batch_size: int = Field(default=64, ge=1)
     # How the networks run: ONNX Runtime on CPU in float32 under "auto", else eager PyTorch (gda.encoders.runtime).
     runtime: Literal["auto", "eager", "onnx"] = "auto"
+    # "int8": the text encoder's weights quantized under ONNX Runtime on CPU (other features, another version).
+    text_quantization: Literal["none", "int8"] = "none"
 
     # A local folder is resolved now, so every run reads the same one; anything else is a hub id, looked up
     # in the HF cache when the encoder loads (which names what is missing).
@@ -35,6 +37,7 @@ class Encoders(dg.ConfigurableResource):
             image_size=self.image_size,
             batch_size=self.batch_size,
             runtime=self.runtime,
+            text_quantization=self.text_quantization,
             device=device,
             dtype=dtype,
         )

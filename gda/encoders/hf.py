@@ -33,7 +33,7 @@ from transformers import (
 
 from gda.encoders import EncoderSpec
 from gda.encoders.base import EncoderError, encode_batched, version_hash
-from gda.encoders.runtime import compile_network, compile_text_network, encode_tokens
+from gda.encoders.runtime import compile_network, compile_text_network, encode_tokens, version_tag
 from gda.images import to_rgb
 from gda.paths import model_folder
 
@@ -170,11 +170,12 @@ class HFTextEncoder:
         self.model = _frozen(model, spec)
         self.dim = self.model.config.projection_dim
         self.max_length = self.model.config.max_position_embeddings
+        self.tag = version_tag(spec)
         self._network = compile_text_network(_TextFeatures(self.model), spec, self.version)
 
     @cached_property
     def version(self) -> str:
-        return version_hash("hf-text", checkpoint_files(self.path), self.model_type)
+        return version_hash("hf-text", checkpoint_files(self.path), f"{self.model_type}{self.tag}")
 
     def encode(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
         """(n, dim) float32 projected text embeddings."""

@@ -19,7 +19,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 from gda.encoders import EncoderSpec
 from gda.encoders.base import encode_batched, version_hash
 from gda.encoders.packaged import minilm_path
-from gda.encoders.runtime import compile_text_network, encode_tokens
+from gda.encoders.runtime import compile_text_network, encode_tokens, version_tag
 
 DIM = 384
 
@@ -55,13 +55,14 @@ class MiniLMEncoder:
         self.device = torch.device(spec.device)
         self.path = minilm_path()
         self.max_length = max_seq_length(self.path)
+        self.tag = version_tag(spec)
         self.tokenizer, self.model = load_minilm(self.path, spec.device)
         self._network = compile_text_network(_SentenceEmbedding(self.model), spec, self.version)
 
     @cached_property
     def version(self) -> str:
         files = [self.path / "model.safetensors", self.path / "config.json", self.path / "tokenizer.json"]
-        return version_hash(self.name, [f for f in files if f.is_file()], f"max_length={self.max_length}")
+        return version_hash(self.name, [f for f in files if f.is_file()], f"max_length={self.max_length}{self.tag}")
 
     def encode(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
         """(n, 384) float32 unit-norm embeddings."""
