@@ -19,7 +19,7 @@ import os
 import time
 import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from numbers import Integral
@@ -167,7 +167,9 @@ class AttributionEngine:
         audit: AuditLog | None = None,
         test_queries: Sequence[GeneratedQuery] = (),
         batching: BatchSettings = BatchSettings(),
+        embed_queries: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> None:
+        """`embed_queries` is the embedder's own by default; `open_engine` passes its `query_network`."""
         config = embedder.config
         if (config.image_dim, config.input_dim - config.image_dim) != (image_encoder.dim, text_encoder.dim):
             raise ValueError(
@@ -180,6 +182,7 @@ class AttributionEngine:
         if missing:
             raise ValueError(f"training metadata lacks columns {missing}")
         self.embedder = embedder
+        self._embed_queries = embed_queries or embedder.embed_queries
         self.index = index
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
@@ -189,7 +192,7 @@ class AttributionEngine:
         self.model_version = model_version
         self.audit = audit
         self.test_queries = {query.query_id: query for query in test_queries}
-        # Encoders and embedder are not promised to be thread-safe, so only the batcher's one worker computes;
+        # Encoders and embedder are not promised to be thread-safe, so one batch at a time computes;
         # the pool runs the text half of each batch beside its image half.
         self._text_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gda-text")
         self.batching = batching
@@ -198,7 +201,7 @@ class AttributionEngine:
             audit.start()
 
     def close(self) -> None:
-        """Answer what is queued, stop the workers and move the audit rows left in its write-ahead file."""
+        """Answer what is queued, stop the text worker and move the audit rows left in its write-ahead file."""
         self._batcher.close()
         self._text_pool.shutdown()
         if self.audit is not None:
@@ -262,7 +265,7 @@ class AttributionEngine:
         image_features, image_ms = _timed(self.image_encoder.encode, [r.picture for r in requests])
         text_features, text_ms = text_job.result()
         features_ms = (time.perf_counter() - features_started) * 1000
-        query, embed_ms = _timed(self.embedder.embed_queries, np.concatenate([image_features, text_features], axis=1))
+        query, embed_ms = _timed(self._embed_queries, np.concatenate([image_features, text_features], axis=1))
         # The nearest max(top_k) hold each request's nearest top_k, in the same order.
         (ids, scores), search_ms = _timed(search, self.index, query, max(r.top_k for r in requests))
         answers = []
@@ -398,8 +401,9 @@ def open_engine(
         model_version = read_card(home.artifacts / "diffusion_model").version
     except FileNotFoundError:
         model_version = "unknown"
+    embedder = load_embedder(embedder_folder, device)
     return AttributionEngine(
-        embedder=load_embedder(embedder_folder, device),
+        embedder=embedder,
         index=load_index(index_path),
         image_encoder=load_image_encoder(spec),
         text_encoder=load_text_encoder(spec),
@@ -409,4 +413,5 @@ def open_engine(
         audit=audit if audit is not None or interface is None else AuditLog.for_home(home, interface),
         test_queries=read_test_queries(home),
         batching=BatchSettings(**values.get("serving", {})),
+        embed_queries=embedder.query_network(spec),
     )

@@ -31,6 +31,7 @@ from gda.embedder import (
     teacher_and_embedder_rankings,
     train_embedder,
 )
+from gda.encoders import EncoderSpec
 from gda.ranking import PairRows, to_rows, training_pairs
 from gda.retrieval_metrics import map_at, random_average_precision
 
@@ -280,6 +281,27 @@ def test_mismatched_or_corrupted_files_give_one_line_errors(tmp_path: Path) -> N
     config_path.write_text(json.dumps(saved))  # ... beside the old config
     with pytest.raises(ValueError, match="has version .* config.json says"):
         load_embedder(folder)
+
+
+@pytest.mark.parametrize("runtime", ["onnx", "eager"])
+def test_the_query_network_embeds_queries_as_embed_queries_does(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    trained: tuple[Embedder, list[EpochRecord]],
+    data: Synthetic,
+    runtime: str,
+) -> None:
+    monkeypatch.setenv("GDA_CACHE_DIR", str(tmp_path / "cache"))
+    model, _ = trained
+    with pytest.raises(ValueError, match="only a saved or loaded embedder"):
+        Embedder(SMALL).query_network(EncoderSpec(runtime=runtime))
+    save_embedder(tmp_path / "embedder", model)
+    loaded = load_embedder(tmp_path / "embedder")
+    network = loaded.query_network(EncoderSpec(runtime=runtime, threads=1))
+    expected = loaded.embed_queries(data.query_features)
+    assert np.ptp(expected, axis=0).max() > 0.1  # queries embed apart, so a constant output would not pass
+    np.testing.assert_allclose(network(data.query_features), expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(network(data.query_features[:1]), expected[:1], rtol=0, atol=1e-5)
 
 
 def test_features_of_another_width_are_one_clear_error() -> None:
