@@ -1,5 +1,6 @@
-"""Micro-batching: a lone request is answered at once, requests queued behind a running batch are answered
-together up to the size bound, each gets its own result, and a failing batch fails only its own requests."""
+"""Micro-batching: a lone request is answered at once in its caller's thread, requests queued behind a running
+batch are answered together up to the size bound, each gets its own result, and a failing batch fails only its
+own requests."""
 
 from __future__ import annotations
 
@@ -30,35 +31,59 @@ class Doubler:
         return [2 * item for item in items]
 
 
+class Caller(threading.Thread):
+    """Calls the batcher with `items` from its own thread, as a server's request thread does."""
+
+    def __init__(self, batcher: MicroBatcher, items: list[int]) -> None:
+        super().__init__(daemon=True)
+        self.batcher, self.items = batcher, items
+        self.results: list[int] | None = None
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.results = self.batcher(self.items)
+        except BaseException as error:
+            self.error = error
+
+    def outcome(self) -> list[int] | BaseException:
+        self.join(timeout=10)
+        assert not self.is_alive(), "the caller never got its answer"
+        return self.error if self.error is not None else self.results
+
+
 def _wait_until_queued(batcher: MicroBatcher, n: int) -> None:
     deadline = time.monotonic() + 10
-    while batcher._queue.qsize() < n:
+    while batcher.queued < n:
         assert time.monotonic() < deadline, "the requests never queued"
         time.sleep(0.005)
 
 
-def test_a_lone_request_is_answered_alone_and_without_waiting() -> None:
+def test_a_lone_request_is_answered_alone_in_its_callers_thread_and_without_waiting() -> None:
     doubler = Doubler()
     doubler.release.set()
-    batcher = MicroBatcher(doubler, BatchSettings(max_size=8, max_wait_s=0.0))
+    threads: list[threading.Thread] = []
+    batcher = MicroBatcher(lambda items: threads.append(threading.current_thread()) or doubler(items))
     started = time.perf_counter()
     assert batcher([21]) == [42]
     assert time.perf_counter() - started < 1.0
     assert batcher([5]) == [10]
     assert doubler.batches == [[21], [5]]
+    assert threads == [threading.current_thread()] * 2
     batcher.close()
 
 
 def test_requests_queued_behind_a_batch_are_answered_together_up_to_the_bound() -> None:
     doubler = Doubler()
     batcher = MicroBatcher(doubler, BatchSettings(max_size=4))
-    first = batcher.submit(0)
+    first = Caller(batcher, [0])
     assert doubler.entered.wait(timeout=10)
-    later = [batcher.submit(i) for i in range(1, 11)]
+    later = Caller(batcher, list(range(1, 11)))
     _wait_until_queued(batcher, 10)
     doubler.release.set()
-    assert first.result(timeout=10) == 0
-    assert [f.result(timeout=10) for f in later] == [2 * i for i in range(1, 11)]
+    assert first.outcome() == [0]
+    assert later.outcome() == [2 * i for i in range(1, 11)]
     assert doubler.batches == [[0], [1, 2, 3, 4], [5, 6, 7, 8], [9, 10]]
     batcher.close()
 
@@ -66,30 +91,33 @@ def test_requests_queued_behind_a_batch_are_answered_together_up_to_the_bound() 
 def test_a_failing_batch_fails_its_own_requests_and_the_next_batch_is_answered() -> None:
     doubler = Doubler()
     batcher = MicroBatcher(doubler, BatchSettings(max_size=2))
-    blocker = batcher.submit(1)
+    blocker = Caller(batcher, [1])
     assert doubler.entered.wait(timeout=10)
-    bad, with_bad, good = batcher.submit(-1), batcher.submit(3), batcher.submit(4)
+    bad = Caller(batcher, [-1, 3])
+    _wait_until_queued(batcher, 2)
+    good = Caller(batcher, [4])
     _wait_until_queued(batcher, 3)
     doubler.release.set()
-    assert blocker.result(timeout=10) == 2
-    for future in (bad, with_bad):
-        with pytest.raises(ValueError, match="no negative numbers"):
-            future.result(timeout=10)
-    assert good.result(timeout=10) == 8
+    assert blocker.outcome() == [2]
+    failed = bad.outcome()
+    assert isinstance(failed, ValueError) and "no negative numbers" in str(failed)
+    assert good.outcome() == [8]
+    assert doubler.batches == [[1], [-1, 3], [4]]
     batcher.close()
     with pytest.raises(RuntimeError, match="closed"):
-        batcher.submit(1)
+        batcher([1])
 
 
-def test_a_wait_gathers_requests_that_arrive_within_it() -> None:
+def test_a_wait_gathers_requests_that_arrive_within_it_and_close_answers_them_first() -> None:
     doubler = Doubler()
     doubler.release.set()
     batcher = MicroBatcher(doubler, BatchSettings(max_size=8, max_wait_s=0.5))
-    first = batcher.submit(1)
+    first = Caller(batcher, [1])
     time.sleep(0.05)
-    second = batcher.submit(2)
-    assert (first.result(timeout=10), second.result(timeout=10)) == (2, 4)
+    second = Caller(batcher, [2])
+    _wait_until_queued(batcher, 2)
+    batcher.close()  # returns once both are answered
     assert doubler.batches == [[1, 2]]
-    batcher.close()
+    assert (first.outcome(), second.outcome()) == ([2], [4])
     with pytest.raises(ValueError, match="max_size >= 1"):
         BatchSettings(max_size=0)
