@@ -6,8 +6,9 @@ medians drift by a millisecond from one minute to the next, which is more than t
 (a) distilled, end to end: image and text features (concurrently), the MLP, the index search and the
     metadata join, exactly `AttributionEngine.attribute` without the audit write (timed apart: the append
     and fsync an answer waits for, and the batched move to DuckDB);
-(b) the raw image-feature baseline, end to end: image features, a flat cosine search over the training
-    images' image features, the same metadata join;
+(b) the raw image-feature baseline, end to end: image features (its encoder on all the profile's threads:
+    with no text encoder beside it, a baseline service would give it both cores), a flat cosine search over
+    the training images' image features, the same metadata join;
 (c) the AbU+ teacher for the same queries: first order against every training image (the mode the product
     collects with), and the finite step on the K DINO candidates (the paper's AbU+), fewer repetitions;
 (d) search alone over 100k and 1M synthetic vectors drawn with the covariance of the real training
@@ -116,6 +117,7 @@ def run(setting: Setting) -> dict[str, Any]:
     from gda import layout
     from gda import teacher as science
     from gda.audit import AuditLog
+    from gda.encoders import EncoderSpec, load_image_encoder
     from gda.registry import open_model
     from gda.service import open_engine
     from gda.teacher_data import candidate_batch, open_teacher, stored_baselines
@@ -143,8 +145,12 @@ def run(setting: Setting) -> dict[str, Any]:
         index.SearchSettings(ivf_above=10**9),
     )
 
+    baseline_encoder = load_image_encoder(
+        EncoderSpec(**setting.values["encoders"], device=setting.device, threads=setting.threads)
+    )
+
     def raw_image(query: tuple[Image.Image, str]) -> list:
-        ids, scores = index.search(baseline_index, engine.image_encoder.encode([query[0]]), 10)
+        ids, scores = index.search(baseline_index, baseline_encoder.encode([query[0]]), 10)
         return engine.matches(ids[0], scores[0])
 
     # (a) distilled, end to end, timed beside (b).

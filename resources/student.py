@@ -59,6 +59,7 @@ class IndexSettings(dg.ConfigurableResource):
     # PQ hits; the index is then saved in parts the service maps from disk (gda.index_files).
     refine: Literal["none", "sq8", "fp16"] = "sq8"
     refine_factor: int = Field(default=32, ge=1)
+    hnsw_lists: int = Field(default=8192, ge=1)  # lists beyond which the coarse quantiser is an HNSW graph
 
     def search_settings(self):  # -> gda.index.SearchSettings (faiss is imported only where the index is built)
         from gda.index import SearchSettings
